@@ -53,6 +53,8 @@ class TinyModelConfig:
     sft_batch_size: int = _doc("Sequences per warm-start step.", 64)
     sft_lr: float = _doc("Warm-start AdamW learning rate.", 3e-3)
     sft_examples: int = _doc("Generated palindrome examples for the warm start.", 20000)
+    sft_target_accuracy: float = _doc(
+        "Warm start stops at the first validation check (T=1.0 samples) at or above this accuracy.", 0.5)
     seed: int = _doc("Seed of weight init and warm-start data (part of the cache key).", 0)
 
 

@@ -1,0 +1,226 @@
+"""`klrl`: run a study, report on it, browse it in MLflow.
+
+    klrl run SPACE.yaml [--set key=value ...] [--address auto|HOST:PORT|ray://HOST:PORT]
+                        [--tracking-uri URI] [--resume] [--run-dir DIR]
+    klrl validate SPACE.yaml [--set key=value ...]    # check a study file, list its trials, run nothing
+    klrl report STUDY [--out DIR] [--include-unfinished] # STUDY: a run dir, a study file or a study name
+    klrl ui [STUDY] [--port 5000]                        # MLflow UI on 127.0.0.1 over the study's store
+    klrl config --explain                                # every config field with its docstring
+
+Exit codes: 0 every trial finished; 1 some trial failed or did not finish; 2 bad study file or
+arguments; 3 Ray or the tracking store unreachable, or the run dir in use; 130 interrupted.
+The default run dir of a study is $KLRL_RUN_DIR/<study name> (./runs/<study name> when unset); caches
+(models, HF, vLLM) go to $KLRL_RUN_DIR/cache (to the run dir's when only --run-dir is given).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_TRIALS, EXIT_SPEC, EXIT_LAUNCH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _err(message: str) -> None:
+    print(f"klrl: error: {message}", file=sys.stderr)
+
+
+def default_run_dir(study_name: str, given: str | None) -> Path:
+    if given:
+        return Path(given).resolve()
+    return (Path(os.environ.get("KLRL_RUN_DIR") or "runs") / study_name).resolve()
+
+
+def _configure_env(run_dir: Path, given: str | None) -> None:
+    """Caches under $KLRL_RUN_DIR, else the run dir's parent ./runs, else --run-dir itself; never $HOME."""
+    from workers import environment
+
+    environment.configure(os.environ.get("KLRL_RUN_DIR") or (run_dir if given else run_dir.parent))
+
+
+def cmd_run(args) -> int:
+    from orchestrator.config_io import SpecError
+    from orchestrator.search_space import load_study
+
+    try:
+        study = load_study(args.space, args.set)
+    except SpecError as exc:
+        _err(str(exc))
+        return EXIT_SPEC
+    run_dir = default_run_dir(study.name, args.run_dir)
+    _configure_env(run_dir, args.run_dir)
+    from orchestrator import launch
+    from orchestrator.tracking import TrackingError
+
+    try:
+        study = launch.prepare_run_dir(study, run_dir, args.resume)
+        outcome = launch.run_study(study, run_dir, address=args.address, tracking_uri=args.tracking_uri,
+                                   resume=args.resume)
+    except (launch.LaunchError, TrackingError) as exc:
+        _err(str(exc))
+        return EXIT_LAUNCH
+    except KeyboardInterrupt:
+        _err(f"interrupted; continue with: klrl run {shlex.quote(args.space)} --resume --run-dir {run_dir}")
+        return EXIT_INTERRUPTED
+    uri = launch.tracking_uri_for(study, run_dir, args.tracking_uri)
+    print(f"klrl: {outcome.finished}/{outcome.total} trial(s) finished, {outcome.failed} failed"
+          + (" (interrupted)" if outcome.interrupted else ""))
+    if outcome.finished:
+        _write_report(launch.experiment_name(study), uri, run_dir / "report", include_unfinished=False)
+    print(f"klrl: MLflow UI: klrl ui {run_dir}   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
+    if outcome.interrupted:
+        print(f"klrl: continue with: klrl run {shlex.quote(args.space)} --resume --run-dir {run_dir}")
+    return EXIT_OK if outcome.ok else (EXIT_INTERRUPTED if outcome.interrupted else EXIT_TRIALS)
+
+
+def _write_report(experiment: str, uri: str, out_dir: Path, include_unfinished: bool) -> Path | None:
+    try:
+        from orchestrator.report import write_report
+
+        path = write_report(experiment, uri, out_dir, include_unfinished=include_unfinished)
+    except Exception as exc:  # the study's runs are safe in MLflow; a report failure must not hide that
+        _err(f"report not written: {type(exc).__name__}: {exc}")
+        return None
+    print(f"klrl: report: {path}")
+    return path
+
+
+def cmd_validate(args) -> int:
+    from orchestrator.config_io import SpecError
+    from orchestrator.search_space import load_study
+
+    try:
+        study = load_study(args.space, args.set)
+    except SpecError as exc:
+        _err(str(exc))
+        return EXIT_SPEC
+    print(f"{study.path}: study {study.name!r} is valid: {study.num_trials()} trial(s)")
+    for labels in study.grid():
+        cfg = study.trial_config(labels)
+        print(f"  {study.trial_name(labels):40s} kl_mode={cfg.algorithm.kl_mode} "
+              f"kl_estimator={cfg.algorithm.kl_estimator} seed={cfg.run.seed} task={cfg.task.name} "
+              f"steps={cfg.run.steps}")
+    if study.optuna:
+        print(f"  Optuna: {study.optuna['num_samples']} samples of {sorted(study.optuna['params'])}, "
+              f"{study.optuna['mode']} {study.optuna['metric']}")
+    return EXIT_OK
+
+
+def _locate(study_arg: str | None, tracking_uri: str | None) -> tuple[str, str, Path]:
+    """(experiment name, tracking URI, run dir) from a run dir, a study file or a study name."""
+    from orchestrator.tracking import default_uri
+
+    path = Path(study_arg or ".")
+    if study_arg and path.suffix in (".yaml", ".yml") and path.is_file():
+        from orchestrator.search_space import load_study
+
+        study = load_study(path)
+        run_dir, name = default_run_dir(study.name, None), study.name
+        name = study.base.get("tracking", {}).get("experiment") or name
+    elif study_arg and (path / "study.yaml").is_file():
+        from orchestrator.search_space import load_study
+
+        run_dir = path.resolve()
+        study = load_study(run_dir / "study.yaml")
+        name = study.base.get("tracking", {}).get("experiment") or study.name
+    elif study_arg:
+        run_dir, name = default_run_dir(study_arg, None), study_arg
+    else:
+        raise ValueError("name a study: a run dir, a study file or a study name")
+    state = run_dir / "driver.json"
+    stored = json.loads(state.read_text()).get("tracking_uri") if state.is_file() else None
+    return name, tracking_uri or stored or default_uri(run_dir), run_dir
+
+
+def cmd_report(args) -> int:
+    try:
+        name, uri, run_dir = _locate(args.study, args.tracking_uri)
+    except Exception as exc:
+        _err(str(exc))
+        return EXIT_SPEC
+    out = Path(args.out).resolve() if args.out else run_dir / "report"
+    return EXIT_OK if _write_report(name, uri, out, args.include_unfinished) else EXIT_TRIALS
+
+
+def cmd_ui(args) -> int:
+    try:
+        _, uri, run_dir = _locate(args.study, args.tracking_uri)
+    except Exception as exc:
+        _err(str(exc))
+        return EXIT_SPEC
+    if uri.startswith(("http://", "https://")):
+        print(f"klrl: the study is tracked on a server already: open {uri}")
+        return EXIT_OK
+    mlflow = Path(sys.executable).with_name("mlflow")
+    argv = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", uri,
+            "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"klrl: MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C stops it): {' '.join(argv)}", flush=True)
+    os.execvp(argv[0], argv)
+    return EXIT_OK  # pragma: no cover
+
+
+def cmd_config(args) -> int:
+    import dataclasses
+    import typing
+
+    from core.config import Config
+
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                yield f"{prefix}{f.name}", default, f.metadata.get("doc", "")
+
+    for name, default, doc in walk(Config):
+        print(f"{name} = {default!r}\n    {doc}" if args.explain else f"{name}: {default!r}")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="klrl", description="Ray-native studies of KL regularisation in RL "
+                                                         "fine-tuning of LLMs")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or --resume) a study: search_spaces/<study>.yaml")
+    run.add_argument("space", help="study file, e.g. search_spaces/miniature.yaml")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a base config field, e.g. --set run.steps=5 (repeatable)")
+    run.add_argument("--address", default=None, help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT "
+                                                     "(default: start a local Ray)")
+    run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the run dir)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted study in --run-dir")
+    run.add_argument("--run-dir", default=None, help="study directory (default: $KLRL_RUN_DIR/<study>)")
+    run.set_defaults(func=cmd_run)
+    val = sub.add_parser("validate", help="validate a study file and list its trials")
+    val.add_argument("space")
+    val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    val.set_defaults(func=cmd_validate)
+    rep = sub.add_parser("report", help="write report.md, summary.csv and plots for a study")
+    rep.add_argument("study", help="run dir, study file or study name")
+    rep.add_argument("--tracking-uri", default=None)
+    rep.add_argument("--out", default=None, help="output folder (default: <run dir>/report)")
+    rep.add_argument("--include-unfinished", action="store_true")
+    rep.set_defaults(func=cmd_report)
+    ui = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 for a study's store")
+    ui.add_argument("study", nargs="?", default=None, help="run dir, study file or study name")
+    ui.add_argument("--tracking-uri", default=None)
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+    cfg = sub.add_parser("config", help="list every config field (with --explain: its docstring)")
+    cfg.add_argument("--explain", action="store_true")
+    cfg.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The driver: connect to Ray, open the study's MLflow runs, run (or resume) the Tune study, close up.
+
+Order matters: the tracking store and the Ray address are checked first (fail in seconds, before any
+trial starts), the MLflow experiment and parent run are created here and not in the trials (concurrent
+trials would race to create the experiment), and whatever happens (all done, a failed trial, SIGINT or
+SIGTERM) the driver ends every child run a killed trial could not end itself, so no run stays RUNNING.
+
+Run directory layout (one study per directory):
+    <run_dir>/study.yaml      the study as run (overrides applied), reread by --resume
+    <run_dir>/driver.json     MLflow ids of the study (experiment, parent run), reread by --resume
+    <run_dir>/tune/<name>/    Tune's experiment state, trial checkpoints
+    <run_dir>/mlflow.db, mlartifacts/   default MLflow store
+    <run_dir>/ray/            Ray's temp dir when klrl starts Ray itself
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from orchestrator.search_space import Study
+from orchestrator.tracking import ROLE_TAG, STUDY_TAG, check_reachable, default_uri, git_commit, make_tracker
+from orchestrator.trial import TrialSetup, train
+
+
+class LaunchError(RuntimeError):
+    """The study cannot start (Ray or the tracking store unreachable, run dir in use); says how to fix it."""
+
+
+@dataclass
+class Outcome:
+    finished: int
+    total: int
+    failed: int
+    interrupted: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.total > 0 and self.finished == self.total and not self.interrupted
+
+
+def tracking_uri_for(study: Study, run_dir: Path, override: str | None) -> str:
+    return override or study.base.get("tracking", {}).get("tracking_uri") or default_uri(run_dir)
+
+
+def experiment_name(study: Study) -> str:
+    return study.base.get("tracking", {}).get("experiment") or study.name
+
+
+def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """A TCP probe of ray://host:port or host:port (Ray's own client retries for a long time)."""
+    if not address or address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"gcs://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise LaunchError(f"--address {address!r}: expected auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise LaunchError(f"Ray cluster at {address} is unreachable ({exc.strerror or exc}); start it with "
+                          f"`ray start --head` or `ray up cluster.yaml`, or leave out --address") from None
+
+
+def connect_ray(address: str | None, run_dir: Path):
+    """Join a cluster, or start an embedded local Ray (all CPUs, temp dir in the run dir, no dashboard)."""
+    import ray
+
+    from workers import environment
+
+    env_vars = {**environment.actor_env_vars(), "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    runtime_env = {"env_vars": env_vars}
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        temp_dir = run_dir / "ray"
+        if len(str(temp_dir)) > 60:  # unix socket paths under it must stay < 108 bytes
+            temp_dir = Path("/tmp") / f"klrl-ray-{abs(hash(str(run_dir))) % 10**8}"
+        return ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=str(temp_dir),
+                        runtime_env=runtime_env, log_to_driver=True)
+    try:
+        return ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env)
+    except ConnectionError as exc:
+        raise LaunchError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')}: {exc}") from None
+
+
+def open_study_runs(study: Study, run_dir: Path, uri: str, resume: bool):
+    """(tracker, experiment id, parent run id); --resume reopens the parent run of the interrupted study."""
+    tracker = make_tracker(uri)
+    state_file = run_dir / "driver.json"
+    if resume and state_file.exists():
+        state = json.loads(state_file.read_text())
+        tracker.reopen(state["parent_run_id"])
+        return tracker, state["experiment_id"], state["parent_run_id"]
+    experiment_id = tracker.ensure_experiment(experiment_name(study), artifact_dir=run_dir / "mlartifacts")
+    parent = tracker.start_run(experiment_id, study.name, {STUDY_TAG: study.name, ROLE_TAG: "study", "klrl.run_dir": str(run_dir),
+                                                           "git_commit": git_commit()})
+    tracker.log_params(parent, {"study.file": study.path, "study.trials": study.num_trials(),
+                                "study.axes": ",".join(a.name for a in study.axes) or "-"})
+    tracker.log_text(parent, (run_dir / "study.yaml").read_text(), "study.yaml")
+    state_file.write_text(json.dumps({"experiment_id": experiment_id, "parent_run_id": parent, "tracking_uri": uri}))
+    return tracker, experiment_id, parent
+
+
+def build_tuner(study: Study, setup: TrialSetup, run_dir: Path, resume: bool):
+    from ray import tune
+
+    from workers.actors import bundles_for
+
+    def resources(tune_config: dict):
+        config = study.trial_config(tune_config.get("grid", {}), tune_config.get("search", {}))
+        return tune.PlacementGroupFactory(bundles_for(config))
+
+    trainable = tune.with_resources(tune.with_parameters(train, setup=setup), resources)
+    storage = run_dir / "tune"
+    if resume:
+        path = storage / study.name
+        if not tune.Tuner.can_restore(str(path)):
+            raise LaunchError(f"--resume: no Tune experiment to resume under {path}")
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    axis_columns = {f"grid/{a.name}": a.name for a in study.axes}
+    axis_columns.update({f"search/{k}": k.rsplit(".", 1)[1] for k in (study.optuna or {}).get("params", {})})
+    reporter = tune.CLIReporter(
+        metric_columns={"step": "step", "reward/mean": "reward", "kl/k1_mean": "kl_k1",
+                        "entropy/token_mean": "entropy", "time/step_s": "step_s"},
+        parameter_columns=axis_columns, max_report_frequency=15, sort_by_metric=False)
+    run_config = tune.RunConfig(
+        name=study.name, storage_path=str(storage), progress_reporter=reporter, verbose=1,
+        failure_config=tune.FailureConfig(max_failures=study.tune.get("max_failures", 1)),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+    tune_config = study.tune_config()
+    tune_config.trial_name_creator = lambda t: _short_name(study, t)
+    tune_config.trial_dirname_creator = lambda t: f"trial_{t.trial_id}"
+    return tune.Tuner(trainable, param_space=study.param_space(), tune_config=tune_config, run_config=run_config)
+
+
+def _short_name(study: Study, t) -> str:
+    return f"{study.trial_name(t.config.get('grid', {})).replace(' ', '_')}_{t.trial_id[-5:]}"
+
+
+def summarize(study: Study, results) -> Outcome:
+    """Count trials that reported their last step without error."""
+    finished = failed = 0
+    for result in results:
+        if result.error is not None:
+            failed += 1
+            continue
+        cfg = result.config or {}
+        steps = study.trial_config(cfg.get("grid", {}), cfg.get("search", {})).run.steps
+        finished += int((result.metrics or {}).get("step", 0) >= steps)
+    total = study.num_trials()
+    return Outcome(finished=finished, total=total, failed=failed, interrupted=finished + failed < total)
+
+
+def prebuild_policies(study: Study, run_dir: Path, log=print) -> None:
+    """Build and warm-start each distinct tiny policy once, here, before trials start.
+
+    A trial would build it too (under a file lock), but inside a trial the warm start competes with
+    the other trials' engines and its minutes would be charged to the first trial's step times.
+    """
+    from tasks.policy import resolve_policy
+    from workers import environment
+
+    seen = set()
+    for labels in study.grid():
+        config = study.trial_config(labels)
+        key = (config.model, config.task)
+        if config.model.path == "tiny" and key not in seen:
+            seen.add(key)
+            log(f"klrl: preparing the tiny policy (cached under {environment.run_dir(run_dir)}/models)")
+            resolve_policy(config.model, environment.run_dir(run_dir), config.task, log=log)
+
+
+def _sigterm_as_sigint(signum, frame):
+    # Tune stops gracefully on SIGINT (saves its state for --resume); give SIGTERM the same path.
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_uri: str | None = None,
+              resume: bool = False, log=print) -> Outcome:
+    """Run or resume a validated study; returns the Outcome (the CLI exits 0 iff outcome.ok)."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's CLIReporter table instead of the AIR output
+    uri = tracking_uri_for(study, run_dir, tracking_uri)
+    check_reachable(uri)
+    check_ray_address(address)
+    if not resume and (run_dir / "tune" / study.name).exists():
+        raise LaunchError(f"{run_dir} already holds study {study.name!r}: pass --resume to continue it, "
+                          f"another --run-dir, or delete {run_dir}")
+    tracker, experiment_id, parent = open_study_runs(study, run_dir, uri, resume)
+    setup = TrialSetup(study=study, run_dir=str(run_dir), tracking_uri=uri, experiment_id=experiment_id,
+                       parent_run_id=parent, git_commit=git_commit())
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+    status, outcome = "KILLED", None
+    try:
+        prebuild_policies(study, run_dir, log)
+        connect_ray(address, run_dir)
+        tuner = build_tuner(study, setup, run_dir, resume)
+        log(f"klrl: study {study.name!r}: {study.num_trials()} trial(s); run dir {run_dir}; MLflow {uri}")
+        outcome = summarize(study, tuner.fit())
+        status = "FINISHED" if outcome.ok else ("KILLED" if outcome.interrupted else "FAILED")
+        return outcome
+    except BaseException:
+        status = "KILLED"
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        closed = tracker.end_open_children(experiment_id, parent, "FAILED" if status == "FAILED" else "KILLED")
+        if closed:
+            log(f"klrl: marked {closed} unfinished trial run(s) {'FAILED' if status == 'FAILED' else 'KILLED'}")
+        tracker.end_run(parent, status)
+        _shutdown_ray()
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def prepare_run_dir(study: Study, run_dir: Path, resume: bool) -> Study:
+    """Make the run dir, record the study as run (study.yaml); --resume rereads that record instead."""
+    from orchestrator.config_io import dump_yaml
+    from orchestrator.search_space import load_study
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = run_dir / "study.yaml"
+    if resume and record.exists():
+        return load_study(record)
+    raw = {"name": study.name, "description": study.description, "base": study.base,
+           "grid": {a.name: [dict(b, name=lbl) if "." not in a.name else b[a.name]
+                             for lbl, b in zip(a.labels, a.bundles)] for a in study.axes} or None,
+           "optuna": study.optuna, "tune": study.tune or None}
+    dump_yaml({k: v for k, v in raw.items() if v not in (None, "")}, record)
+    return study
+
+
+def exit_code(outcome: Outcome) -> int:
+    return 0 if outcome.ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the `klrl` command")

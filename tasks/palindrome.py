@@ -1,0 +1,100 @@
+"""Palindrome generation (reasoning-gym `palindrome_generation`): many valid answers per prompt.
+
+Prompts: reasoning-gym entries, `seed`/`size`/letter counts from TaskConfig. The train split uses seeds
+data_seed .. data_seed+train_size-1 (reasoning-gym seeds entry i with `seed + i`), the eval split
+starts at data_seed + train_size, so no entry is shared; eval entries whose letter multiset occurs in
+train are dropped too (a palindrome question is its multiset). `compact_prompt` puts only the
+scrambled letters in the question ("zoo"), for the tiny model; otherwise reasoning-gym's wording.
+
+Answer: the text inside the last `<answer>...</answer>`; with no closed tag pair, the last non-empty
+line of the response. Reward: 1.0 only when reasoning-gym's own `score_answer` gives exactly 1.0
+(it gives 0.02/0.05 partial credit to wrong strings, which we do not pass on); `format_reward` for a
+wrong answer given inside well-formed tags. Distinct answers compare stripped, lower-cased strings,
+which is how `score_answer` normalises before checking.
+"""
+from __future__ import annotations
+
+import re
+
+from core.config import TaskConfig
+from tasks.base import Example, Task
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# Responses past this length are scored 0 without looking (a runaway sample cannot cost time).
+MAX_RESPONSE_CHARS = 20_000
+EVAL_OVERSAMPLE = 4  # eval candidates generated per wanted eval prompt, before de-duplication
+
+FULL_INSTRUCTION = ("Form a palindrome that uses every given letter exactly once. Put only the palindrome "
+                    "inside <answer></answer> tags, e.g. <answer>abcba</answer>.")
+
+
+def _dataset(seed: int, size: int, cfg: TaskConfig):
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset("palindrome_generation", seed=seed, size=size,
+                                        min_length=cfg.min_letters, max_length=cfg.max_letters)
+
+
+def letters_key(letters) -> str:
+    """A letter multiset as a sorted string (the identity of a palindrome question)."""
+    return "".join(sorted(letters))
+
+
+def compact_question(letters) -> str:
+    """The tiny-model question: the scrambled letters, no separators ('zoo')."""
+    return "".join(letters)
+
+
+class PalindromeTask(Task):
+    """reasoning-gym palindrome_generation with disjoint train/eval splits."""
+
+    name = "palindrome"
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+        train_ds = _dataset(cfg.data_seed, cfg.train_size, cfg)
+        self.train = [self._example(e) for e in train_ds]
+        seen = {letters_key(e.metadata["letters"]) for e in self.train}
+        eval_ds = _dataset(cfg.data_seed + cfg.train_size, max(cfg.eval_size * EVAL_OVERSAMPLE, 16), cfg)
+        self.eval = []
+        for entry in eval_ds:
+            key = letters_key(entry["metadata"]["letters"])
+            if key not in seen and len(self.eval) < cfg.eval_size:
+                seen.add(key)
+                self.eval.append(self._example(entry))
+        self._score = train_ds.score_answer
+
+    def _example(self, entry: dict) -> Example:
+        letters = entry["metadata"]["letters"]
+        question = compact_question(letters) if self.cfg.compact_prompt else entry["question"]
+        return Example(question=question, answer=entry["answer"], metadata=dict(entry["metadata"]))
+
+    @property
+    def default_instruction(self) -> str:
+        # Compact prompts carry no instruction: the tiny model learns the format in its warm start.
+        return "" if self.cfg.compact_prompt else FULL_INSTRUCTION
+
+    def extract_answer(self, response: str) -> str | None:
+        if not response or len(response) > MAX_RESPONSE_CHARS:
+            return None
+        tagged = ANSWER_RE.findall(response)
+        if tagged:
+            return tagged[-1]
+        lines = [line.strip() for line in response.splitlines() if line.strip()]
+        return lines[-1] if lines else None
+
+    def is_correct(self, answer: str | None, example: Example) -> bool:
+        """reasoning-gym's verdict is exactly 1.0 (right letters, right counts, a palindrome)."""
+        if answer is None:
+            return False
+        return self._score(answer, {"metadata": example.metadata}) == 1.0
+
+    def reward(self, response: str, example: Example) -> float:
+        answer = self.extract_answer(response)
+        if self.is_correct(answer, example):
+            return 1.0
+        well_formed = bool(ANSWER_RE.search(response or "")) and bool(answer and answer.strip())
+        return self.cfg.format_reward if well_formed else 0.0
+
+    def normalize_answer(self, answer: str) -> str:
+        return answer.strip().lower()

@@ -1,0 +1,95 @@
+"""Resolve ModelConfig.path to a HF causal-LM folder every worker can load.
+
+'tiny'  -> built and warm-started here, cached under run_dir/models/tiny-<hash>, where the hash covers
+           the tiny-model config, the palindrome data settings the warm start uses and a code version,
+           so a change to any of them builds a new folder and never reuses a stale one.
+a path  -> validated: it must be a folder holding config.json and a tokenizer (tokenizer.json or
+           tokenizer_config.json); otherwise a ValueError names the folder and what is missing.
+hub id  -> ('org/name' that does not exist locally and does not look like a path) returned as is; the
+           engines resolve it from their own HF cache (klrl never downloads at run time itself).
+Concurrent trials that want the same tiny model take a file lock; the loser reuses the winner's folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+from core.config import ModelConfig, TaskConfig, TinyModelConfig
+
+# Bump when the builder or the warm start change what they produce, so old caches are not reused.
+TINY_CODE_VERSION = 1
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def tiny_cache_key(tiny: TinyModelConfig, task: TaskConfig) -> str:
+    """12 hex chars of sha256 over the tiny config, the warm start's data settings and TINY_CODE_VERSION."""
+    from tasks.warm_start import palindrome_cfg
+
+    data = palindrome_cfg(task)
+    data_fields = {k: getattr(data, k) for k in ("min_letters", "max_letters", "train_size", "eval_size",
+                                                 "data_seed", "compact_prompt", "instruction")}
+    blob = json.dumps({"tiny": dataclasses.asdict(tiny), "data": data_fields, "v": TINY_CODE_VERSION},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def tiny_policy(tiny: TinyModelConfig, task: TaskConfig, run_dir: str | Path, log=print) -> Path:
+    """The warm-started tiny policy folder, built once per cache key (a few minutes on 2 cores)."""
+    from tasks.tiny_model import build_tiny_model
+    from tasks.warm_start import warm_start
+
+    models = Path(run_dir) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    final = models / f"tiny-{tiny_cache_key(tiny, task)}"
+    with open(models / f"{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another trial may be building it; wait, then reuse
+        if (final / "warm_start.json").exists():
+            return final
+        building = models / f"{final.name}.building"
+        shutil.rmtree(building, ignore_errors=True)  # a crashed earlier build
+        log(f"building tiny policy {final.name} (warm start, cached afterwards)")
+        build_tiny_model(tiny, building)
+        warm_start(building, tiny, task, log=log)
+        building.rename(final)  # atomic: a folder named tiny-<hash> is always complete
+    return final
+
+
+def check_model_folder(path: Path) -> Path:
+    """path if it is a HF causal-LM folder (config.json + a tokenizer); ValueError naming what is missing."""
+    if not path.exists():
+        raise ValueError(f"model.path: folder {str(path)!r} does not exist (expected 'tiny', a HF model "
+                         "folder with config.json and a tokenizer, or a hub id like 'org/name')")
+    if not path.is_dir():
+        raise ValueError(f"model.path: {str(path)!r} is a file, expected a HF model folder")
+    missing = [] if (path / "config.json").exists() else ["config.json"]
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    if missing:
+        raise ValueError(f"model.path: folder {str(path)!r} is not a HF model folder: missing {', '.join(missing)}")
+    return path.resolve()
+
+
+def looks_like_path(text: str) -> bool:
+    """True for anything a user meant as a filesystem path (absolute, ./, ../, ~, or not 'org/name')."""
+    return text.startswith(("/", ".", "~")) or not HUB_ID_RE.match(text)
+
+
+def resolve_policy(model_cfg: ModelConfig, run_dir: str | Path, task_cfg: TaskConfig | None = None,
+                   log=print) -> Path | str:
+    """A loadable model: a folder Path ('tiny' or a local folder), or a hub id string returned as is.
+
+    task_cfg: the trial's task (the tiny warm start uses its letter counts and prompt settings);
+    defaults to TaskConfig() when omitted.
+    """
+    if model_cfg.path == "tiny":
+        return tiny_policy(model_cfg.tiny, task_cfg or TaskConfig(), run_dir, log=log)
+    local = Path(model_cfg.path).expanduser()
+    if local.exists() or looks_like_path(model_cfg.path):
+        return check_model_folder(local)
+    return model_cfg.path

@@ -1,0 +1,155 @@
+"""The rollout worker: a vLLM engine that samples n responses per prompt and returns a RolloutBatch.
+
+A plain class (no Ray here; `workers/actors.py` wraps it). What it adds on top of `vllm.LLM.generate`
+is deliberately small, because it sits on the hot path of every RL step and `benchmarks/rollout.py`
+measures it against raw vLLM:
+  - seeded sampling: one request per prompt with `n` children; vLLM seeds child j with `seed_i + j`, and
+    the per-prompt `seed_i` are drawn from `numpy.random.default_rng(seed)`, so a rerun with the same seed
+    draws the same completions while nearby seeds (step k vs k+1) share no sample streams;
+  - the sampled tokens' log-probs (`logprobs=0` returns only the sampled token's), read from vLLM's
+    `FlatLogprobs` lists without building per-token dicts;
+  - padded tensors built with one preallocated tensor per field and one masked scatter each.
+Weights are pushed in place with `collective_rpc("reload_weights")`: on CPU vLLM repacks linear weights
+at load time, so `model.load_weights` on the running model does not work, while reload_weights redoes
+the repacking.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.config import RolloutConfig
+from core.types import RolloutBatch
+
+# Log-probs of the distribution the tokens were actually drawn from (after temperature/top-p), so the
+# learner's recomputed log-probs differ from them only by what a stale or wrong weight sync would cause.
+# With temperature=1 and top_p=1 (klrl's on-policy default) this equals the raw policy log-probs.
+LOGPROBS_MODE = "processed_logprobs"
+
+
+class RolloutWorker:
+    """A vLLM engine over one model folder.
+
+    Args:
+        model_path: a Hugging Face causal-LM folder (config.json, weights, tokenizer).
+        rollout: sampling defaults and engine resources (`RolloutConfig`).
+        dtype: 'float32' or 'bfloat16' (vLLM's dtype).
+        seed: engine seed, and the seed of sampling when `generate` gets no seed.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, rollout: RolloutConfig, dtype: str = "float32",
+                 seed: int = 0):
+        path = Path(model_path)
+        # vLLM would otherwise try the hub and fail with an error that hides the local path.
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {str(path)!r} does not exist or has no config.json "
+                                    "(expected a Hugging Face causal-LM folder)")
+        self.rollout = rollout
+        self.cuda = torch.cuda.is_available()
+        self._rng = np.random.default_rng(seed)
+        engine_args: dict = dict(model=str(path), dtype=dtype, max_model_len=rollout.max_model_len, seed=seed,
+                                 logprobs_mode=LOGPROBS_MODE, enforce_eager=not self.cuda)
+        if self.cuda:
+            engine_args.update(gpu_memory_utilization=rollout.gpu_memory_utilization,
+                               tensor_parallel_size=rollout.tensor_parallel_size,
+                               enable_sleep_mode=rollout.enable_sleep_mode)
+        else:
+            # vLLM reads its CPU KV-cache budget from the environment when the engine starts.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(rollout.kv_cache_space_gib)
+        from vllm import LLM  # imported late: it is heavy and reads the environment set above
+
+        self.llm = LLM(**engine_args)
+        tokenizer = self.llm.get_tokenizer()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = int(pad if pad is not None else 0)
+
+    def generate(self, prompts: list[str], n: int, seed: int | None = None, temperature: float | None = None,
+                 max_new_tokens: int | None = None, ignore_eos: bool = False) -> RolloutBatch:
+        """Sample `n` responses to each prompt; B = len(prompts) * n rows, prompt i's rows contiguous.
+
+        `temperature`/`max_new_tokens` default to the RolloutConfig's. `seed=None` draws a fresh seed
+        from the worker's own generator (reproducible across runs of the same call sequence).
+        `ignore_eos=True` always generates exactly `max_new_tokens` tokens (benchmarks only).
+        """
+        if not prompts or n < 1:
+            raise ValueError(f"generate needs at least one prompt and n >= 1, got {len(prompts)} prompts, n={n}")
+        params = self.sampling_params(len(prompts), n, seed, temperature, max_new_tokens, ignore_eos)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return self.to_batch(prompts, outputs, n)
+
+    def sampling_params(self, n_prompts: int, n: int, seed: int | None = None, temperature: float | None = None,
+                        max_new_tokens: int | None = None, ignore_eos: bool = False) -> list:
+        """One vLLM SamplingParams per prompt (n children each, child j seeded seed_i + j by vLLM)."""
+        from vllm import SamplingParams
+
+        rng = self._rng if seed is None else np.random.default_rng(seed)
+        prompt_seeds = rng.integers(0, 2**31 - n, size=n_prompts).tolist()
+        max_tokens = self.rollout.max_new_tokens if max_new_tokens is None else max_new_tokens
+        temperature = self.rollout.temperature if temperature is None else temperature
+        return [SamplingParams(n=n, seed=s, temperature=temperature, top_p=self.rollout.top_p,
+                               max_tokens=max_tokens, logprobs=0, flat_logprobs=True, ignore_eos=ignore_eos,
+                               min_tokens=max_tokens if ignore_eos else 0)
+                for s in prompt_seeds]
+
+    def to_batch(self, prompts: list[str], outputs: list, n: int) -> RolloutBatch:
+        """vLLM RequestOutputs (one per prompt, n completions each) -> padded RolloutBatch tensors."""
+        completions = [c for out in outputs for c in out.outputs]  # B, in prompt-major order
+        n_prompts, batch = len(outputs), len(completions)
+        pad = self.pad_token_id
+
+        # Prompts: (N, P) left-padded once per prompt, then repeated n times (rows of a group are equal).
+        prompt_lens = torch.tensor([len(o.prompt_token_ids) for o in outputs])  # (N,)
+        width = int(prompt_lens.max())
+        prompt_mask = torch.arange(width) >= (width - prompt_lens)[:, None]  # (N, P)
+        prompt_ids = torch.full((n_prompts, width), pad, dtype=torch.long)
+        # Boolean-mask assignment fills row-major, so the flat concatenation lands left-padded.
+        prompt_ids[prompt_mask] = torch.tensor(list(itertools.chain.from_iterable(
+            o.prompt_token_ids for o in outputs)), dtype=torch.long)
+
+        # Responses: (B, T) right-padded; token ids and log-probs scattered in one masked write each.
+        lens = torch.tensor([len(c.token_ids) for c in completions])  # (B,)
+        t_width = max(int(lens.max()), 1)
+        response_mask = torch.arange(t_width) < lens[:, None]  # (B, T)
+        response_ids = torch.full((batch, t_width), pad, dtype=torch.long)
+        response_ids[response_mask] = torch.tensor(list(itertools.chain.from_iterable(
+            c.token_ids for c in completions)), dtype=torch.long)
+        logprobs = torch.zeros((batch, t_width), dtype=torch.float32)
+        # FlatLogprobs keeps one float per position when logprobs=0 (only the sampled token's).
+        logprobs[response_mask] = torch.tensor(list(itertools.chain.from_iterable(
+            c.logprobs.logprobs for c in completions)), dtype=torch.float32)
+
+        return RolloutBatch(
+            prompt_ids=prompt_ids.repeat_interleave(n, dim=0),
+            prompt_mask=prompt_mask.repeat_interleave(n, dim=0),
+            response_ids=response_ids,
+            response_mask=response_mask,
+            sampler_logprobs=logprobs,
+            group_index=torch.arange(n_prompts).repeat_interleave(n),
+            finish_reasons=[c.finish_reason for c in completions],
+            prompt_texts=[p for p in prompts for _ in range(n)],
+            response_texts=[c.text for c in completions],
+            pad_token_id=pad,
+        )
+
+    def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights (Hugging Face parameter names) into the running engine, without a restart.
+
+        reload_weights maps HF names onto vLLM's fused layers (qkv, gate_up) and redoes the CPU weight
+        repacking; the prefix cache is then dropped because its KV entries were computed by old weights.
+        """
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Release GPU memory between rollouts (GPU with rollout.enable_sleep_mode only; else a no-op)."""
+        if self.cuda and self.rollout.enable_sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Undo `sleep` before the next generate/update_weights (no-op where sleep was one)."""
+        if self.cuda and self.rollout.enable_sleep_mode:
+            self.llm.wake_up()
