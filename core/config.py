@@ -112,7 +112,8 @@ class AlgorithmConfig:
     kl_coef: float = _doc("KL coefficient beta (>= 0).", 0.05)
     kl_clamp: float = _doc("Clamp estimator values to +-this (0 disables; verl/OpenRLHF use 10).", 0.0)
     kl_importance_correction: bool = _doc(
-        "Weight in-loss KL by the detached ratio pi/pi_old (DeepSeek-V3.2 / Zhang et al. fix).", False)
+        "Weight in-loss KL by pi/pi_old in the graph: k3 then gives the unbiased reverse-KL gradient "
+        "(DeepSeek-V3.2 / Zhang et al. fix).", False)
     advantage: str = _doc(f"Advantage estimator: one of {ADVANTAGE_ESTIMATORS}.", "rloo")
     clip_eps: float = _doc("PPO clip range epsilon, in (0, 1).", 0.2)
     clip_eps_high: float = _doc("Upper clip epsilon (0 = same as clip_eps; DAPO's clip-higher).", 0.0)

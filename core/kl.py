@@ -19,8 +19,8 @@ exp cannot overflow and poison the gradient with inf * 0 = nan. How this compare
     [-20, 20] and the value to [-10, 10]. klrl with clamp=10 matches verl's k3 exactly, and also clamps
     k1/k2 (verl does not).
   * OpenRLHF (models/utils.compute_approx_kl): every estimator's value is clipped to [-10, 10], with no
-    clip before exp. klrl with clamp=10 matches it except in the |log r| > 20 corner, where OpenRLHF's
-    k3 may be inf.
+    clip before exp. klrl with clamp=10 gives the same values (k3 > 10 whenever |log r| > 20), but its
+    gradient stays finite where OpenRLHF's exp overflows (log r > 88 in float32).
   * k3_plus: the value sg(k3) is clamped, the k2 gradient part is not (as verl: its "mse" has no clamp).
 clamp = 0 (the klrl default) leaves every estimator exact.
 """
@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from core.types import TokenScores
 
@@ -108,30 +107,62 @@ def sampled_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     return SAMPLED_ESTIMATORS[estimator](logprobs, ref_logprobs).clamp(-clamp, clamp)
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32: bf16/fp16 logits lose the small differences a KL is made of."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _exact_kl_chunk(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, V) logits -> (reverse, forward), each (N,), in float32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    logq = torch.log_softmax(ref_logits.float(), dim=-1)
+    """(N, V) logits -> (reverse, forward), each (N,), in at least float32."""
+    logp = torch.log_softmax(_upcast(logits), dim=-1)
+    logq = torch.log_softmax(_upcast(ref_logits), dim=-1)
     diff = logp - logq
     reverse = (logp.exp() * diff).sum(-1)  # sum_v pi (log pi - log pi_ref)
     forward = -(logq.exp() * diff).sum(-1)  # sum_v pi_ref (log pi_ref - log pi)
     return reverse, forward
 
 
+class _ExactTokenKL(torch.autograd.Function):
+    """Exact KLs of one chunk with a closed-form backward that recomputes the softmaxes.
+
+    Autograd keeps only the chunk's logits (a view of the caller's tensor), not the (N, V) softmax
+    intermediates, so memory stays bounded by one chunk. Gradients w.r.t. the policy logits z, with
+    p = softmax(z), q = softmax(z_ref), d = log p - log q:
+        d KL(p || q) / dz = p * (d - sum_v p d)        d KL(q || p) / dz = p - q
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ref_logits: torch.Tensor):  # noqa: D102 - see class docstring
+        ctx.save_for_backward(logits, ref_logits)
+        return _exact_kl_chunk(logits, ref_logits)
+
+    @staticmethod
+    def backward(ctx, grad_reverse: torch.Tensor, grad_forward: torch.Tensor):  # noqa: D102
+        logits, ref_logits = ctx.saved_tensors
+        logp = torch.log_softmax(_upcast(logits), dim=-1)
+        logq = torch.log_softmax(_upcast(ref_logits), dim=-1)
+        p = logp.exp()
+        d = logp - logq
+        grad = grad_reverse.to(p.dtype)[:, None] * p * (d - (p * d).sum(-1, keepdim=True))
+        grad = grad + grad_forward.to(p.dtype)[:, None] * (p - logq.exp())
+        return grad.to(logits.dtype), None
+
+
 def exact_token_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
                    chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact token-level KL in both directions from full-vocabulary logits.
 
-    logits, ref_logits: (..., V), typically (B, T, V) at the response positions; any dtype (computed in
-    float32). Returns (reverse, forward), each of shape logits.shape[:-1], in nats:
+    logits, ref_logits: (..., V), typically (B, T, V) at the response positions; any float dtype
+    (computed in float32, or float64 for float64 input). Returns (reverse, forward), each of shape
+    logits.shape[:-1], in nats:
         reverse[t] = KL(pi || pi_ref) = sum_v pi(v) (log pi(v) - log pi_ref(v))
         forward[t] = KL(pi_ref || pi) = sum_v pi_ref(v) (log pi_ref(v) - log pi(v))
     Differentiable through `logits` (ref_logits is treated as frozen and detached).
 
-    Memory: tokens are processed `chunk_size` at a time. When `logits` requires grad each chunk is
-    activation-checkpointed, so autograd keeps only the chunk's input and its two (N,) outputs and
-    recomputes the (N, V) softmaxes in backward; peak extra memory is ~4 * chunk_size * V floats
-    instead of ~4 * B * T * V (V = 151,936 on Qwen2).
+    Memory: tokens are processed `chunk_size` at a time, and with gradient each chunk is an autograd
+    Function whose backward recomputes its softmaxes (closed form, `_ExactTokenKL`), so autograd keeps no
+    (N, V) intermediates: peak extra memory is a few chunk_size * V float32 buffers instead of several
+    B * T * V ones (V = 151,936 on Qwen2).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -143,14 +174,11 @@ def exact_token_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
     reverse, forward = [], []
     for start in range(0, flat.shape[0], chunk_size):
         piece, ref_piece = flat[start:start + chunk_size], ref_flat[start:start + chunk_size]
-        if grad:
-            rev, fwd = checkpoint(_exact_kl_chunk, piece, ref_piece, use_reentrant=False)
-        else:
-            rev, fwd = _exact_kl_chunk(piece, ref_piece)
+        rev, fwd = _ExactTokenKL.apply(piece, ref_piece) if grad else _exact_kl_chunk(piece, ref_piece)
         reverse.append(rev)
         forward.append(fwd)
     if not reverse:  # zero tokens
-        empty = flat.new_zeros(0, dtype=torch.float32)
+        empty = _upcast(flat.new_zeros(0))
         return empty.reshape(lead), empty.reshape(lead)
     return torch.cat(reverse).reshape(lead), torch.cat(forward).reshape(lead)
 

@@ -5,7 +5,7 @@
 pg_t is PPO's clipped surrogate (Schulman et al. 2017, eq. 7) with DAPO's asymmetric clip-higher
 (Yu et al. 2025) and dual-clip for negative advantages (Ye et al. 2020, "Mastering Complex Control in MOBA
 Games", eq. 5), written as in verl core_algos.compute_policy_loss. kl_t is the configured estimator
-(core.kl); w_t = sg(pi/pi_old) when algorithm.kl_importance_correction, else 1.
+(core.kl); w_t = pi/pi_old (kept in the graph) when algorithm.kl_importance_correction, else 1.
 """
 from __future__ import annotations
 
@@ -24,19 +24,13 @@ def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean(values, mask)
 
 
-def _nonempty_rows(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.sum(-1) > 0).float()
-
-
 def _seq_mean_token_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    rows = _nonempty_rows(mask)
-    return ((values * mask).sum(-1) * rows).sum() / rows.sum().clamp(min=1)
+    return (values * mask).sum(-1).sum() / max(values.shape[0], 1)
 
 
 def _seq_mean_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    rows = _nonempty_rows(mask)
-    per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    return (per_seq * rows).sum() / rows.sum().clamp(min=1)
+    per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # an empty row contributes 0, not nan
+    return per_seq.sum() / max(values.shape[0], 1)
 
 
 AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -55,8 +49,10 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tens
                          constant length normaliser).
     seq-mean-token-mean  mean over sequences of (sum_t v m / sum_t m): each sequence weighs the same
                          (original GRPO).
-    The seq-mean modes average over rows with at least one response token; an all-empty mask gives 0.
-    Each mode is computed over the (micro-)batch it is given.
+    Denominators: token-mean divides by the number of response tokens, the seq-mean modes by the number of
+    rows B (as verl; a row with no response token counts, contributing 0). An empty mask gives 0, not nan.
+    Each mode is computed over the (micro-)batch it is given; the learner re-weights micro-batches by
+    tokens resp. rows so the sum equals the aggregate over the whole mini-batch.
     """
     if mode not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {mode!r}; valid: {list(AGGREGATIONS)}")
@@ -98,10 +94,14 @@ def in_loss_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs:
     exact_reverse/exact_forward take exact_kl = (reverse, forward), (B, T) each, which must carry the
     policy's gradient (core.kl.exact_token_kl on the current logits).
     Importance correction (algo.kl_importance_correction; Zhang et al. 2025, arXiv 2505.17508, and the
-    DeepSeek-V3.2 KL term): sampled estimators are weighted by w = sg(pi/pi_old), so that with tokens
-    drawn from pi_old the term's gradient has the on-policy expectation E_pi[grad k]. It is not applied to
-    the exact KLs, which already sum over the vocabulary at each state (there is no sampled token to
-    reweight). On-policy (pi = pi_old) w = 1 and the flag changes nothing.
+    DeepSeek-V3.2 KL term): sampled estimators are weighted by w = pi/pi_old with the ratio *in the graph*.
+    Then E_{pi_old}[w k] = E_pi[k] for any sampling policy, and its gradient is the gradient of the KL the
+    estimator measures: for k3, grad E_pi[k3] = grad KL(pi || pi_ref), the unbiased reverse-KL gradient
+    (at pi = pi_old: grad[w k3] = (k3 + 1 - r) grad log pi, whose expectation is E_pi[x grad log pi]).
+    Without it, k3 in the loss has the forward-KL gradient (SCIENCE.md), which is what the seed study's
+    "forward-KL style" arm measures; the corrected variant is the control that removes that bias.
+    It is not applied to the exact KLs, which already sum over the vocabulary at each state (there is no
+    sampled token to reweight). The value is unchanged on-policy (w = 1); the gradient is not.
     """
     estimator = kl_lib.check_estimator(algo.kl_estimator)
     if estimator in kl_lib.EXACT_ESTIMATORS:
@@ -112,7 +112,7 @@ def in_loss_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs:
         return kl.clamp(-algo.kl_clamp, algo.kl_clamp) if algo.kl_clamp > 0 else kl
     kl = kl_lib.sampled_kl(logprobs, ref_logprobs, estimator, algo.kl_clamp)
     if algo.kl_importance_correction:
-        log_w = (logprobs - old_logprobs).detach().clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+        log_w = (logprobs - old_logprobs).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
         kl = log_w.exp() * kl
     return kl
 

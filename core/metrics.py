@@ -26,14 +26,14 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
 
 
 def _entropy_chunk(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
     """Entropy H(softmax(logits)) = -sum_v p(v) log p(v) in nats; (..., V) -> (...), e.g. (B, T, V) -> (B, T).
 
-    Computed in float32, `chunk_size` tokens at a time so the (N, V) softmax never exists for all tokens at
+    Computed in at least float32, `chunk_size` tokens at a time so the (N, V) softmax never exists for all tokens at
     once (V = 151,936 on Qwen2). Meant for logging under no_grad; it is differentiable but not
     checkpointed.
     """
@@ -43,7 +43,7 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 4096) -> torch.T
     flat = logits.reshape(-1, vocab)
     parts = [_entropy_chunk(flat[s:s + chunk_size]) for s in range(0, flat.shape[0], chunk_size)]
     if not parts:
-        return flat.new_zeros(0, dtype=torch.float32).reshape(lead)
+        return flat.new_zeros(0, dtype=torch.promote_types(flat.dtype, torch.float32)).reshape(lead)
     return torch.cat(parts).reshape(lead)
 
 
@@ -69,7 +69,8 @@ def kl_metrics(scores: TokenScores, response_mask: torch.Tensor) -> dict[str, fl
         key = name if name.startswith("exact") else f"{name}_mean"
         out[f"kl/{key}"] = float(masked_mean(values.float(), mask))
         if name != "k2":
-            out[f"kl/{name}_seq_mean"] = float(masked_sum(values.float(), mask, dim=1).mean()) if mask.numel() else 0.0
+            per_seq = masked_sum(values.float(), mask, dim=1)  # (B,) sequence-level KL
+            out[f"kl/{name}_seq_mean"] = float(per_seq.mean()) if per_seq.numel() else 0.0
     out["entropy/token_mean"] = float(masked_mean(scores.entropy.float(), mask))
     return out
 

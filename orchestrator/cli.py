@@ -51,6 +51,8 @@ def cmd_run(args) -> int:
         _err(str(exc))
         return EXIT_SPEC
     run_dir = default_run_dir(study.name, args.run_dir)
+    if args.resume and args.set and (run_dir / "study.yaml").exists():
+        _err(f"warning: --set is ignored with --resume: the study continues as recorded in {run_dir}/study.yaml")
     _configure_env(run_dir, args.run_dir)
     from orchestrator import launch
     from orchestrator.tracking import TrackingError

@@ -20,7 +20,7 @@ DPI = 100
 # with no key present is not written. Accuracy falls back to reward/mean when no reward/accuracy.
 FIGURES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("accuracy", (("reward/accuracy", "training accuracy"), ("reward/mean", "training reward (mean)"),
-                  ("eval/pass@1", "eval pass@1"))),
+                  ("eval/pass_at_1", "eval pass@1"))),
     ("entropy", (("entropy/token_mean", "token entropy (nats)"),)),
     ("kl_exact", (("kl/exact_reverse", "exact KL(π‖π_ref) per token"),
                   ("kl/exact_forward", "exact KL(π_ref‖π) per token"))),

@@ -33,7 +33,7 @@ PROGRESS_KEY = "reward/mean"  # every step logs it, so its history counts the st
 # (column title, metric keys in order of preference: the first one the task logged is used)
 TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("final accuracy", ("reward/accuracy", "reward/mean")),
-    ("eval pass@1", ("eval/pass@1",)),
+    ("eval pass@1", ("eval/pass_at_1",)),  # MLflow rejects '@': tracking logs eval/pass@1 as this
     ("entropy (nats/token)", ("entropy/token_mean",)),
     ("cosine similarity", ("diversity/embed_cos",)),
     ("distinct valid answers", ("diversity/distinct_valid",)),
@@ -45,17 +45,25 @@ HISTORY_KEYS = sorted({k for _, keys in TABLE for k in keys}
                       | {"diversity/distinct_answers", "response/length_mean"})
 
 
-def arm_name(kl_mode: str, kl_estimator: str, kl_coef: float | None = None) -> str:
-    """The arm label of a trial: 'none', or 'in_reward/k1'-style, with '@coef' when given (the caller
-    passes kl_coef only when a study has several coefficients)."""
-    if kl_mode == "none":
-        return "none"
-    base = f"{kl_mode}/{kl_estimator}"
-    return base if kl_coef is None else f"{base}@{kl_coef:g}"
+def arm_name(kl_mode: str, kl_estimator: str, extra: dict[str, str] | None = None) -> str:
+    """A trial's arm: 'none' or '{kl_mode}/{kl_estimator}' (e.g. 'in_reward/k1'), then ' field=value'
+    for each other setting that varies between the study's trials (e.g. 'in_loss/k3 kl_coef=0.1')."""
+    base = "none" if kl_mode == "none" else f"{kl_mode}/{kl_estimator}"
+    return " ".join([base, *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted((extra or {}).items()))])
+
+
+def _seed_order(seed: str) -> tuple[int, int | str]:
+    return (0, int(seed)) if seed.isdigit() else (1, seed)  # "10" after "2"
 
 
 def _arm_order(arm: str) -> tuple[int, str]:
-    return ({"none": 0}.get(arm, 1 if arm.startswith("in_reward") else 2 if arm.startswith("in_loss") else 3), arm)
+    rank = 0 if arm == "none" else 1 if arm.startswith("in_reward") else 2 if arm.startswith("in_loss") else 3
+    return rank, arm
+
+
+def _in_order(trials) -> list["Trial"]:
+    """Trials by task, then arm (none, in_reward, in_loss, others), then seed."""
+    return sorted(trials, key=lambda t: (t.task, _arm_order(t.arm), _seed_order(t.seed)))
 
 
 @dataclass
@@ -106,7 +114,7 @@ def load_study(study: str, tracking_uri: str):
     else:  # no parent run: every run of the experiment is a trial
         children = [r for r in runs if r.data.tags.get("klrl.role") != "study"]
     trials = [_trial(client, r) for r in children]
-    _suffix_coefs(trials, {t.run_id: r for t, r in zip(trials, children)})
+    _suffix_axes(trials, {t.run_id: r for t, r in zip(trials, children)})
     return client, parent, trials
 
 
@@ -127,15 +135,33 @@ def _trial(client, run) -> Trial:
                  steps_expected=int(steps) if steps not in (None, "") else None, history=history)
 
 
-def _suffix_coefs(trials: list[Trial], runs: dict) -> None:
-    """Arms derived here (no `arm` tag) get '@coef' when one task's KL arms used several kl_coef."""
+NOT_ARM_FIELDS = {"algorithm.kl_mode", "algorithm.kl_estimator", "run.seed", "task.name", "run.run_dir"}
+
+
+def _suffix_axes(trials: list[Trial], runs: dict) -> None:
+    """Split derived arms (no `arm` tag) by the other settings that vary within a task.
+
+    Those settings are the trials' `axis.<dotted field>` tags (the study's grid and sampled values)
+    or, for runs without axis tags, `algorithm.kl_coef`. The none arm ignores `algorithm.kl_*`
+    fields, which it does not use. Optuna studies sample a fresh value per trial, so there every
+    trial is its own arm unless the orchestrator sets an `arm` tag.
+    """
     for task in {t.task for t in trials}:
-        derived = [t for t in trials if t.task == task and "arm" not in runs[t.run_id].data.tags
-                   and t.arm != "none"]
-        coefs = {runs[t.run_id].data.params.get("algorithm.kl_coef") for t in derived} - {None}
-        if len(coefs) > 1:
-            for t in derived:
-                t.arm = f"{t.arm}@{float(runs[t.run_id].data.params['algorithm.kl_coef']):g}"
+        derived = [t for t in trials if t.task == task and "arm" not in runs[t.run_id].data.tags]
+        settings = {t.run_id: _settings(runs[t.run_id]) for t in derived}
+        fields = {f for s in settings.values() for f in s}
+        varying = sorted(f for f in fields if len({settings[t.run_id].get(f) for t in derived}) > 1)
+        for t in derived:
+            extra = {f: settings[t.run_id].get(f, "?") for f in varying
+                     if not (t.arm == "none" and f.startswith("algorithm.kl_"))}
+            t.arm = arm_name(*t.arm.split("/", 1), extra) if t.arm != "none" else arm_name("none", "", extra)
+
+
+def _settings(run) -> dict[str, str]:
+    axes = {k[len("axis."):]: v for k, v in run.data.tags.items() if k.startswith("axis.")}
+    if not axes and "algorithm.kl_coef" in run.data.params:
+        axes = {"algorithm.kl_coef": run.data.params["algorithm.kl_coef"]}
+    return {k: v for k, v in axes.items() if k not in NOT_ARM_FIELDS}
 
 
 # --- building the report ---------------------------------------------------------------------------
@@ -151,7 +177,7 @@ def _missing(trials: list[Trial]) -> list[str]:
         ts = [t for t in trials if t.task == task]
         have = {(t.arm, t.seed) for t in ts}
         for arm in sorted({t.arm for t in ts}, key=_arm_order):
-            for seed in sorted({t.seed for t in ts}):
+            for seed in sorted({t.seed for t in ts}, key=_seed_order):
                 if (arm, seed) not in have:
                     out.append(f"{task} / {arm} / seed {seed}: no run (inferred from the arms x seeds grid)")
     return out
@@ -160,34 +186,40 @@ def _missing(trials: list[Trial]) -> list[str]:
 def _unfinished(trials: list[Trial]) -> list[str]:
     return [f"{t.task} / {t.arm} / seed {t.seed} (run {t.name}, {t.run_id[:8]}): status {t.status}, "
             f"{t.steps_logged}/{t.steps_expected if t.steps_expected is not None else '?'} steps"
-            for t in sorted(trials, key=lambda t: (t.task, _arm_order(t.arm), t.seed)) if not t.complete]
+            for t in _in_order(trials) if not t.complete]
 
 
-def _findings(task_trials: list[Trial], verdicts: dict[str, object], finals: dict[str, dict]) -> list[str]:
-    """Rows re-testing the seed study's Key Findings (/work/shared/seed.md) on this task."""
+def _no_difference(verdicts) -> str:
+    """Does a 'no difference between arms' finding hold? (untestable without 2+ seeds per arm)"""
+    tested = [v for v in verdicts if v.testable]
+    return "untestable" if not tested else "disagrees" if any(v.any_significant for v in tested) else "agrees"
+
+
+def _findings(verdicts: dict, finals: dict[str, dict]) -> list[str]:
+    """Rows re-testing the seed study's Key Findings (/work/shared/seed.md) on one task."""
     rows = []
     div = [(c, verdicts[c]) for c in ("cosine similarity", "distinct valid answers") if c in verdicts]
     if div:
-        tested = [v for _, v in div if v.testable]
-        agree = "untestable" if not tested else ("disagrees" if any(v.any_significant for v in tested) else "agrees")
         rows.append(("No consistent diversity differences between arms", ", ".join(c for c, _ in div),
-                     "; ".join(f"{c}: {v.text}" for c, v in div), agree))
-    if "entropy (nats/token)" in finals:
+                     "; ".join(f"{c}: {v.text}" for c, v in div), _no_difference([v for _, v in div])))
+    if "entropy (nats/token)" in finals:  # "KL directions": compare the KL arms with each other
         kl_arms = {a: v for a, v in finals["entropy (nats/token)"].items() if a != "none"}
         use = kl_arms if len(kl_arms) >= 2 else finals["entropy (nats/token)"]
         v = compare_arms(use)
-        agree = "untestable" if not v.testable else ("disagrees" if v.any_significant else "agrees")
-        rows.append(("Entropy does not separate KL directions", f"entropy between {', '.join(use)}", v.text, agree))
+        rows.append(("Entropy does not separate KL directions", f"entropy between {', '.join(use)}", v.text,
+                     _no_difference([v])))
     if "final accuracy" in verdicts and "none" in finals["final accuracy"]:
         v = verdicts["final accuracy"]
-        means = {a: mean_ci(x).mean for a, x in finals["final accuracy"].items()}
-        top = max(means, key=lambda a: -math.inf if math.isnan(means[a]) else means[a])
+        means = {a: mean_ci(x).mean for a, x in finals["final accuracy"].items() if mean_ci(x).n}
+        top = [a for a in means if means[a] == max(means.values())]
         if v.best() == "none":
             agree = "agrees"
-        elif top == "none":
+        elif len(top) > 1:
+            agree = f"tie: highest mean shared by {', '.join(top)}"
+        elif top == ["none"]:
             agree = "same direction, not significant" if v.testable else "same direction, untestable"
         else:
-            agree = f"disagrees (highest mean: {top})"
+            agree = f"disagrees (highest mean: {top[0]})"
         rows.append(("No-KL training reaches the highest training accuracy", "final accuracy", v.text, agree))
     return [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
 
@@ -204,13 +236,13 @@ def task_section(task: str, trials: list[Trial], include_unfinished: bool) -> li
     header = "| arm | seeds | " + " | ".join(f"{title} (`{k}`)" for title, k in columns) + " |"
     lines += [header, "|" + "---|" * (len(columns) + 2)]
     for a in arms:
-        seeds = sorted(t.seed for t in used if t.arm == a)
+        seeds = sorted((t.seed for t in used if t.arm == a), key=_seed_order)
         cells = [mean_ci(finals[title][a]).format() for title, _ in columns]
         lines.append(f"| {a} | {', '.join(seeds) or '—'} | " + " | ".join(cells) + " |")
     verdicts = {title: compare_arms(finals[title]) for title, _ in columns}
     lines += ["", "| metric | verdict |", "|---|---|"]
     lines += [f"| {title} | {verdicts[title].text} |" for title, _ in columns]
-    rows = _findings(used, verdicts, finals)
+    rows = _findings(verdicts, finals)
     if rows:
         lines += ["", "Seed-study Key Findings, re-tested on this task:", "",
                   "| seed-study finding | tested on | result | verdict |", "|---|---|---|---|", *rows]
@@ -231,7 +263,8 @@ def render(study: str, trials: list[Trial], include_unfinished: bool, pngs: list
     problems = _unfinished(trials) + _missing(trials)
     lines += ["## Missing or unfinished trials", ""] + ([f"- {p}" for p in problems] or ["None."]) + [""]
     if pngs:
-        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
+        lines += ["## Plots", "", "Curves include unfinished trials (line: mean over seeds, band: min–max).", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in pngs] + [""]
     return "\n".join(lines)
 
 
@@ -241,7 +274,7 @@ def write_summary_csv(trials: list[Trial], path: Path) -> Path:
         w = csv.writer(f)
         w.writerow(["task", "arm", "seed", "run_id", "run_name", "status", "steps_logged",
                     "steps_expected", "complete", *[f"final:{k}" for k in keys]])
-        for t in sorted(trials, key=lambda t: (t.task, _arm_order(t.arm), t.seed)):
+        for t in _in_order(trials):
             w.writerow([t.task, t.arm, t.seed, t.run_id, t.name, t.status, t.steps_logged,
                         "" if t.steps_expected is None else t.steps_expected, t.complete,
                         *[repr(t.final(k)) if k in t.history else "" for k in keys]])
@@ -258,7 +291,7 @@ def write_report(study: str, tracking_uri: str, out_dir: Path, include_unfinishe
     pngs = []
     for task in sorted({t.task for t in trials}):
         series: dict = {}
-        for t in sorted((t for t in trials if t.task == task), key=lambda t: (_arm_order(t.arm), t.seed)):
+        for t in _in_order(t for t in trials if t.task == task):
             series.setdefault(t.arm, {})[f"{t.seed}:{t.run_id}"] = t.history
         pngs += plots.plot_study(task, series, out_dir)
     csv_path = write_summary_csv(trials, out_dir / "summary.csv")

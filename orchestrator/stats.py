@@ -55,8 +55,8 @@ def _flat(x: np.ndarray) -> bool:
 def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
     """Two-sided Welch t-test p-value; NaN with fewer than 2 values on a side.
 
-    With zero variance (up to float noise) on both sides the t statistic is undefined: equal means give p=1 and unequal
-    means p=0 (a deterministic difference), rather than scipy's NaN.
+    With zero variance (up to float noise) on both sides the t statistic is undefined: equal means give
+    p=1 and unequal means p=0 (a deterministic difference), rather than scipy's NaN.
     """
     a = np.asarray([v for v in a if not math.isnan(v)], dtype=float)
     b = np.asarray([v for v in b if not math.isnan(v)], dtype=float)

@@ -206,8 +206,11 @@ def train(tune_config: dict, setup: TrialSetup) -> None:
                              study.trial_overrides(labels, sampled))
     status, trial = "FAILED", None
     try:
+        t0 = time.perf_counter()
         trial = build_trial(config)
         start = restore(trial, tune.get_checkpoint())
+        # Actor start-up (vLLM engine, DeepSpeed init) is per trial, not per step: logged once.
+        tracker.log_metrics(run_id, {"time/startup_s": time.perf_counter() - t0}, step=start)
         loop(trial, start, tracker, run_id)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):

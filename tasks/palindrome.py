@@ -4,7 +4,7 @@ Prompts: reasoning-gym entries, `seed`/`size`/letter counts from TaskConfig. The
 data_seed .. data_seed+train_size-1 (reasoning-gym seeds entry i with `seed + i`), the eval split
 starts at data_seed + train_size, so no entry is shared; eval entries whose letter multiset occurs in
 train are dropped too (a palindrome question is its multiset). `compact_prompt` puts only the
-scrambled letters in the question ("zoo"), for the tiny model; otherwise reasoning-gym's wording.
+sorted letters in the question ("ooz"), for the tiny model; otherwise reasoning-gym's wording.
 
 Answer: the text inside the last `<answer>...</answer>`; with no closed tag pair, the last non-empty
 line of the response. Reward: 1.0 only when reasoning-gym's own `score_answer` gives exactly 1.0
@@ -41,8 +41,22 @@ def letters_key(letters) -> str:
 
 
 def compact_question(letters) -> str:
-    """The tiny-model question: the scrambled letters, no separators ('zoo')."""
-    return "".join(letters)
+    """The tiny-model question: the letter multiset, sorted, no separators ('ooz').
+
+    Sorted because the question *is* the multiset: a ~1M-parameter model then spends its capacity on
+    choosing an arrangement (where the task's many valid answers, and so its diversity, live) instead
+    of on counting scrambled letters, which it learns too slowly for a minutes-long warm start.
+    """
+    return "".join(sorted(letters))
+
+
+def question_for(letters, compact: bool) -> str:
+    """The question for scrambled `letters`: compact, or reasoning-gym's own wording."""
+    if compact:
+        return compact_question(letters)
+    from reasoning_gym.algorithmic.palindrome_generation import QUESTION_TEMPALTE
+
+    return QUESTION_TEMPALTE.format(letters=", ".join(letters))
 
 
 class PalindromeTask(Task):

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from core.config import TaskConfig, TinyModelConfig
-from tasks.palindrome import PalindromeTask, compact_question, letters_key
+from tasks.palindrome import PalindromeTask, letters_key, question_for
 from tasks.policy_eval import measure
 from tasks.prompts import format_prompt, resolve_instruction
 
@@ -65,10 +65,7 @@ class PairSource:
             letters = half + half + ([middle] if middle else [])
             if letters_key(letters) in exclude:
                 continue
-            question = compact_question(self.rng.sample(letters, len(letters)))
-            if not task_cfg.compact_prompt:  # reasoning-gym's long wording, as the task would show it
-                from reasoning_gym.algorithmic.palindrome_generation import QUESTION_TEMPALTE
-                question = QUESTION_TEMPALTE.format(letters=", ".join(question))
+            question = question_for(self.rng.sample(letters, len(letters)), task_cfg.compact_prompt)
             self.pool.append((format_prompt(tokenizer, instruction, question), half, middle))
         self.eos = tokenizer.eos_token
 
@@ -94,7 +91,7 @@ def collate(tokenizer, pairs: list[tuple[str, str]]):
     return ids, mask, labels
 
 
-def validation_examples(task: PalindromeTask, task_cfg: TaskConfig, seed: int, exclude: set[str]):
+def validation_examples(task_cfg: TaskConfig, seed: int, exclude: set[str]):
     """Generated validation prompts (not the eval split, so stopping does not peek at it)."""
     from tasks.base import Example
 
@@ -104,8 +101,8 @@ def validation_examples(task: PalindromeTask, task_cfg: TaskConfig, seed: int, e
         letters = half + half + ([middle] if middle else [])
         if letters_key(letters) not in exclude:
             shuffled = rng.sample(letters, len(letters))
-            out.append(Example(compact_question(shuffled), "".join(half) + middle + "".join(half[::-1]),
-                               {"letters": shuffled}))
+            reference = "".join(half) + middle + "".join(reversed(half))
+            out.append(Example(question_for(shuffled, task_cfg.compact_prompt), reference, {"letters": shuffled}))
     return out
 
 
@@ -137,7 +134,7 @@ def _warm_start(model_dir, tiny: TinyModelConfig, task_cfg: TaskConfig, log) -> 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     exclude = {letters_key(ex.metadata["letters"]) for ex in task.eval}
     source = PairSource(task_cfg, tokenizer, instruction, tiny.sft_examples, tiny.seed, exclude)
-    val = validation_examples(task, task_cfg, tiny.seed, exclude)
+    val = validation_examples(task_cfg, tiny.seed, exclude)
     max_new = task_cfg.max_letters + 4  # <answer> + letters + </answer> + eos, with slack
     torch.manual_seed(tiny.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=tiny.sft_lr, weight_decay=0.0, betas=(0.9, 0.98))

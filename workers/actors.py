@@ -57,15 +57,24 @@ def rollout_bundle(config: Config, index: int) -> int:
     return config.learner.num_workers + index
 
 
-def create_placement_group(config: Config, timeout_s: float = START_TIMEOUT_S) -> PlacementGroup:
-    """A placement group of worker_bundles(config), reserved (PACK: one node when it fits)."""
-    pg = placement_group(worker_bundles(config), strategy="PACK")
+def create_placement_group(config: Config, rollouts: bool = True,
+                           timeout_s: float = START_TIMEOUT_S) -> PlacementGroup:
+    """A placement group of worker_bundles(config) (learners only when not `rollouts`), reserved with
+    PACK (one node when it fits). Refuses at once a request larger than the whole cluster."""
+    bundles = worker_bundles(config)[:None if rollouts else config.learner.num_workers]
+    total = ray.cluster_resources()
+    for key in ("CPU", "GPU"):
+        need = sum(b.get(key, 0.0) for b in bundles)
+        if need > total.get(key, 0.0):
+            raise ValueError(f"placement group needs {need:g} {key} ({bundles}) but the Ray cluster has "
+                             f"{total.get(key, 0.0):g}; lower learner/rollout num_workers or cpus_per_worker")
+    pg = placement_group(bundles, strategy="PACK")
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         ray.util.remove_placement_group(pg)
-        raise TimeoutError(f"placement group {worker_bundles(config)} not ready after {timeout_s:.0f} s; "
-                           f"the cluster has {ray.available_resources()}") from None
+        raise TimeoutError(f"placement group {bundles} not ready after {timeout_s:.0f} s; "
+                           f"the cluster has {ray.available_resources()} free") from None
     return pg
 
 
@@ -78,7 +87,7 @@ def _get(refs, what: str, timeout_s: float):
 
 
 def _options(pg: PlacementGroup, bundle: int, cpus: float, gpus: float) -> dict:
-    return dict(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
+    return dict(num_cpus=cpus, num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
                                                                      placement_group_bundle_index=bundle),
                 runtime_env={"env_vars": environment.actor_env_vars()})

@@ -59,7 +59,7 @@ def trained(ray_session, model_dir):
     from workers.actors import LearnerGroup, create_placement_group
 
     config = make_config()
-    pg = create_placement_group(config)
+    pg = create_placement_group(config, rollouts=False)
     group = LearnerGroup(model_dir, config, pg)
     vocab = 266
     batches = [synthetic_train_batch(vocab, seed) for seed in range(STEPS)]

@@ -35,7 +35,7 @@ SAME = {"entropy/token_mean": (1.0, 1.1, 1.2), "diversity/embed_cos": (0.5, 0.6,
 
 
 def make_study(client, name: str, artifact_root, skip=(), running=()) -> str:
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param
 
     exp = client.create_experiment(name, artifact_location=artifact_root.as_uri() if artifact_root else None)
     parent = client.create_run(exp, run_name=name, tags={"klrl.role": "study"}).info.run_id
@@ -43,10 +43,12 @@ def make_study(client, name: str, artifact_root, skip=(), running=()) -> str:
         for i, seed in enumerate(SEEDS):
             if (arm, seed) in skip:
                 continue
-            tags = {"mlflow.parentRunId": parent, "kl_mode": mode, "kl_estimator": est, "seed": str(seed),
-                    "task": "palindrome", "arm": arm}
+            # the tags orchestrator/trial.py writes (no `arm` tag: the report derives it)
+            tags = {"mlflow.parentRunId": parent, "klrl.role": "trial", "kl_mode": mode, "kl_estimator": est,
+                    "seed": str(seed), "task": "palindrome", "axis.algorithm.kl_mode": mode,
+                    "axis.run.seed": str(seed), **({"axis.algorithm.kl_estimator": est} if mode != "none" else {})}
             run = client.create_run(exp, run_name=f"{mode}-{est}-s{seed}", tags=tags).info.run_id
-            client.log_param(run, "run.steps", STEPS)
+            client.log_batch(run, params=[Param("run.steps", str(STEPS)), Param("algorithm.kl_coef", "0.05")])
             n_steps = 6 if (arm, seed) in running else STEPS
             now = int(time.time() * 1000)
             metrics = []
@@ -169,19 +171,32 @@ def test_one_seed_per_arm_says_no_ci_and_not_testable(store, tmp_path):
     assert "## Missing or unfinished trials\n\nNone." in text  # a 3 arms x 1 seed grid is full
 
 
-def test_arm_is_derived_from_kl_settings_with_a_coef_suffix():
+def test_arm_is_derived_from_kl_settings_and_varying_axes():
     from types import SimpleNamespace
 
-    from orchestrator.report import Trial, _suffix_coefs, arm_name
+    from orchestrator.report import Trial, _suffix_axes, arm_name
 
-    assert [arm_name("none", "k3"), arm_name("in_reward", "k1"), arm_name("in_loss", "k3", 0.1)] == \
-        ["none", "in_reward/k1", "in_loss/k3@0.1"]
-    runs = {str(i): SimpleNamespace(data=SimpleNamespace(tags={}, params={"algorithm.kl_coef": c}))
-            for i, c in enumerate(["0.05", "0.1", "0.05"])}
-    trials = [Trial(str(i), "r", "palindrome", a, "0", "FINISHED", 10)
-              for i, a in enumerate(["in_reward/k1", "in_reward/k1", "none"])]
-    _suffix_coefs(trials, runs)
-    assert [t.arm for t in trials] == ["in_reward/k1@0.05", "in_reward/k1@0.1", "none"]
+    assert [arm_name("none", "k3"), arm_name("in_reward", "k1"), arm_name("in_loss", "k3", {"a.kl_coef": "0.1"})] \
+        == ["none", "in_reward/k1", "in_loss/k3 kl_coef=0.1"]
+
+    def run(tags, params=None):
+        return SimpleNamespace(data=SimpleNamespace(tags=tags, params=params or {}))
+
+    # axis tags as orchestrator/trial.py writes them: seed and kl_mode never split an arm, a kl_coef
+    # axis splits the KL arms but not the none arm (which has no KL term).
+    def axes(mode, coef, seed):
+        return {"axis.algorithm.kl_mode": mode, "axis.algorithm.kl_coef": coef, "axis.run.seed": seed}
+
+    runs = {"0": run(axes("in_reward", "0.05", "0")), "1": run(axes("in_reward", "0.1", "1")),
+            "2": run(axes("none", "0.1", "0")),
+            "3": run({"arm": "mine"}),
+            "4": run({}, {"algorithm.kl_coef": "0.05"}), "5": run({}, {"algorithm.kl_coef": "0.2"})}
+    trials = [Trial(str(i), "r", task, arm, "0", "FINISHED", 10) for i, (task, arm) in enumerate(
+        [("p", "in_reward/k1"), ("p", "in_reward/k1"), ("p", "none"), ("p", "mine"),
+         ("d", "in_loss/k3"), ("d", "in_loss/k3")])]
+    _suffix_axes(trials, runs)
+    assert [t.arm for t in trials] == ["in_reward/k1 kl_coef=0.05", "in_reward/k1 kl_coef=0.1", "none", "mine",
+                                       "in_loss/k3 kl_coef=0.05", "in_loss/k3 kl_coef=0.2"]
 
 
 @pytest.fixture(scope="module")
@@ -218,5 +233,5 @@ def test_report_through_an_mlflow_server(mlflow_server, tmp_path):
     client = MlflowClient(tracking_uri=mlflow_server)
     parent = make_study(client, "served", None, skip={("in_loss/k3", 1)})
     text = write_report("served", mlflow_server, tmp_path).read_text()
-    assert "none highest" in text and "palindrome / in_loss/k3 / seed 1: no run" in text
+    assert "in_reward/k1 lower than none" in text and "palindrome / in_loss/k3 / seed 1: no run" in text
     assert "report/report.md" in {a.path for a in client.list_artifacts(parent, "report")}

@@ -51,14 +51,11 @@ def study_store(tmp_path):
 
 
 def check_study(uri: str, parent: str, children: list[str]) -> None:
-    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("study_x")
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'",
-                              output_format="list", tracking_uri=uri) if _accepts_uri() else \
-        client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
     assert sorted(r.info.run_id for r in runs) == sorted(children)
     for run in runs:
         assert run.info.status == "FINISHED"
@@ -73,14 +70,6 @@ def check_study(uri: str, parent: str, children: list[str]) -> None:
         table = json.loads(Path(client.download_artifacts(run.info.run_id, "samples/step_00003.json",
                                                           dst_path=None)).read_text())
         assert table["columns"][:3] == ["step", "prompt", "response"] and table["data"][0][2] == "aba"
-
-
-def _accepts_uri() -> bool:
-    import inspect
-
-    import mlflow
-
-    return "tracking_uri" in inspect.signature(mlflow.search_runs).parameters
 
 
 def test_sqlite_store_holds_parent_children_params_metrics_artifacts(study_store):

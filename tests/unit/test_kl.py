@@ -137,6 +137,15 @@ def test_exact_token_kl_matches_closed_form_values_and_gradients():
     assert torch.allclose(g_rev, p * (d - (p * d).sum(-1, keepdim=True)), atol=1e-5)
     assert torch.allclose(g_fwd, p - q, atol=1e-5)
     assert (reverse >= -1e-6).all() and (forward >= -1e-6).all()
+    # The hand-written backward against finite differences, and against autograd of the naive formula.
+    small = logits.detach()[:1, :3, :4].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: kl.exact_token_kl(z, ref_logits[:1, :3, :4], chunk_size=2),
+                                    (small,), fast_mode=True)
+    naive_p = torch.log_softmax(logits, -1)
+    naive = (naive_p.exp() * (naive_p - q.log())).sum() + 2 * (q * (q.log() - naive_p)).sum()
+    reverse, forward = kl.exact_token_kl(logits, ref_logits, chunk_size=5)
+    (g_mixed,) = torch.autograd.grad((reverse + 2 * forward).sum(), logits)
+    assert torch.allclose(g_mixed, torch.autograd.grad(naive, logits)[0], atol=1e-10)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 100])

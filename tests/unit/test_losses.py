@@ -16,8 +16,8 @@ MASK = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
 
 @pytest.mark.parametrize("mode,expected", [
     ("token-mean", (1 + 2 + 4) / 3),
-    ("seq-mean-token-sum", (3 + 4) / 2),  # the empty third row is not counted
-    ("seq-mean-token-mean", (1.5 + 4) / 2),
+    ("seq-mean-token-sum", (3 + 4 + 0) / 3),  # the empty third row counts (as verl and the learner's units)
+    ("seq-mean-token-mean", (1.5 + 4 + 0) / 3),
 ])
 def test_aggregation_modes_hand_computed(mode, expected):
     assert math.isclose(float(losses.aggregate(VALUES, MASK, mode)), expected, rel_tol=1e-6)
@@ -117,18 +117,46 @@ def test_in_loss_kl_adds_beta_times_aggregated_estimator(estimator):
     assert in_reward["loss/kl"] == 0.0
 
 
-def test_importance_correction_weights_kl_by_detached_ratio():
+def test_importance_correction_weights_kl_by_the_ratio_in_the_graph():
     logp, old, ref, advantages, mask = _batch()
     algo = AlgorithmConfig(kl_mode="in_loss", kl_estimator="k3", kl_importance_correction=True)
     term = losses.in_loss_kl(logp, old, ref, algo)
-    ratio = (logp - old).exp().detach()
-    (grad,) = torch.autograd.grad(term.sum(), logp)
+    ratio = (logp - old).exp()
     k3 = kl.sampled_kl(logp, ref, "k3")
-    assert torch.allclose(term, ratio * k3)
-    assert torch.allclose(grad, ratio * torch.autograd.grad(k3.sum(), logp)[0], atol=1e-6)
-    # On-policy the correction is a no-op.
+    assert torch.allclose(term, ratio.detach() * k3.detach())
+    (grad,) = torch.autograd.grad(term.sum(), logp)
+    (expected,) = torch.autograd.grad((ratio * k3).sum(), logp)
+    assert torch.allclose(grad, expected, atol=1e-6)
+    # On-policy the value is unchanged (w = 1) ...
     plain = dataclasses.replace(algo, kl_importance_correction=False)
-    assert torch.allclose(losses.in_loss_kl(logp, logp.detach(), ref, algo), losses.in_loss_kl(logp, old, ref, plain))
+    on_policy = losses.in_loss_kl(logp, logp.detach(), ref, algo)
+    assert torch.allclose(on_policy, losses.in_loss_kl(logp, old, ref, plain))
+
+
+def test_importance_corrected_k3_loss_has_the_reverse_kl_gradient_on_policy():
+    """E_{a~pi}[grad (pi/sg(pi)) k3(a)] = grad KL(pi || pi_ref), exactly (enumerated vocabulary).
+
+    Without the correction the same loss gives grad KL(pi_ref || pi) (the forward-KL gradient), so the
+    corrected variant is the control for the seed study's "forward-KL style" arm.
+    """
+    g = torch.Generator().manual_seed(11)
+    theta = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    ref_logp = torch.log_softmax(torch.randn(7, generator=g, dtype=torch.float64), -1)
+    logp = torch.log_softmax(theta, -1)
+    prob = logp.exp().detach()
+
+    def expected_loss_grad(correct: bool) -> torch.Tensor:
+        algo = AlgorithmConfig(kl_mode="in_loss", kl_estimator="k3", kl_importance_correction=correct)
+        term = losses.in_loss_kl(logp[None], logp.detach()[None], ref_logp[None], algo)[0]
+        return torch.autograd.grad((prob * term).sum(), theta, retain_graph=True)[0]
+
+    reverse = (logp.exp() * (logp - ref_logp)).sum()
+    forward = (ref_logp.exp() * (ref_logp - logp)).sum()
+    (grad_reverse,) = torch.autograd.grad(reverse, theta, retain_graph=True)
+    (grad_forward,) = torch.autograd.grad(forward, theta, retain_graph=True)
+    assert torch.allclose(expected_loss_grad(True), grad_reverse, atol=1e-10)
+    assert torch.allclose(expected_loss_grad(False), grad_forward, atol=1e-10)
+    assert not torch.allclose(grad_reverse, grad_forward, atol=1e-3)
 
 
 def test_exact_kl_in_loss_uses_the_right_direction_and_requires_it():
@@ -159,3 +187,18 @@ def test_exact_kl_loss_gradient_flows_to_logits():
     (grad,) = torch.autograd.grad(loss, logits)
     p, q = torch.softmax(logits, -1).detach(), torch.softmax(ref_logits, -1)
     assert torch.allclose(grad, (p - q) / 6, atol=1e-6)  # token-mean over 6 tokens of KL(q || p)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_aggregation_splits_over_micro_batches_weighted_by_units(mode):
+    """The learner's contract: sum over micro-batches of agg(part) * units(part) / units(all) = agg(all),
+    units = response tokens for token-mean, rows for the seq-mean modes."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    mask = torch.arange(5)[None, :] < torch.tensor([5, 1, 3, 0, 2, 4])[:, None]
+
+    def units(m):
+        return m.sum() if mode == "token-mean" else m.shape[0]
+    parts = [slice(0, 1), slice(1, 4), slice(4, 6)]
+    total = sum(losses.aggregate(values[s], mask[s], mode) * units(mask[s]) / units(mask) for s in parts)
+    assert torch.allclose(total, losses.aggregate(values, mask, mode))

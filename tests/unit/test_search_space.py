@@ -150,3 +150,15 @@ def test_bad_studies_are_rejected_with_file_and_key(tmp_path, mutate, key):
 def test_bad_set_override_is_named(tmp_path):
     with pytest.raises(SpecError, match=r"study.yaml: base: learner.lr: must be > 0"):
         load_study(write(tmp_path, study_dict()), ["learner.lr=0"])
+
+
+def test_cluster_yaml_is_a_valid_ray_cluster_config():
+    """cluster.yaml passes the Ray cluster launcher's own schema (after its defaults are filled in)."""
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    config = yaml.safe_load((SPACES[0].parents[1] / "cluster.yaml").read_text())
+    validate_config(fillout_defaults(config))
+    types = config["available_node_types"]
+    assert config["provider"]["type"] in ("aws", "gcp")
+    assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in types.values())
+    assert any("[gpu]" in cmd for cmd in config["setup_commands"])

@@ -1,0 +1,95 @@
+"""`klrl run search_spaces/smoke.yaml` as a user types it; a bad study; SIGINT mid-run and --resume."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from e2e_helpers import KLRL, ROOT, SMOKE, free_port, klrl, trial_runs
+
+SMOKE_TRIALS, SMOKE_STEPS = 2, 3
+
+
+def assert_study_finished(run_dir, n_trials=SMOKE_TRIALS, steps=SMOKE_STEPS):
+    runs = trial_runs(run_dir)
+    assert len(runs) == n_trials, [(r.info.run_name, r.info.status) for r in runs]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    for run in runs:
+        assert run.info.status == "FINISHED", run.info.run_name
+        history = client.get_metric_history(run.info.run_id, "reward/mean")
+        assert sorted({p.step for p in history}) == list(range(steps))
+        for key in ("time/rollout_s", "time/update_s", "time/sync_s", "perf/tokens_per_s", "kl/exact_reverse",
+                    "entropy/token_mean", "eval/pass_at_1", "diversity/embed_cos"):
+            assert key in run.data.metrics, key
+        assert run.data.params["algorithm.kl_mode"] == run.data.tags["kl_mode"]
+        assert {"kl_mode", "kl_estimator", "seed", "task", "git_commit"} <= set(run.data.tags)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "final_metrics.json", "samples"} <= artifacts
+    return runs
+
+
+def test_smoke_study_runs_end_to_end(short_run_dir):
+    start = time.monotonic()
+    done = klrl("run", SMOKE, "--run-dir", str(short_run_dir))
+    elapsed = time.monotonic() - start
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert_study_finished(short_run_dir)
+    assert "klrl: 2/2 trial(s) finished" in done.stdout
+    assert "klrl ui" in done.stdout and "report" in done.stdout
+    print(f"smoke study wall time: {elapsed:.0f}s")
+
+
+def test_bad_study_exits_nonzero_naming_file_and_key(short_run_dir):
+    bad = short_run_dir / "bad.yaml"
+    bad.write_text((ROOT / SMOKE).read_text().replace("algorithm.kl_mode: in_loss", "algorithm.kl_mode: sideways"))
+    done = klrl("run", str(bad), "--run-dir", str(short_run_dir / "never"), timeout=60)
+    assert done.returncode == 2
+    assert f"{bad}: grid.arms[1] (k3_in_loss): algorithm.kl_mode: unknown value 'sideways'" in done.stderr
+    assert not (short_run_dir / "never" / "mlflow.db").exists()  # nothing started
+    typo = klrl("run", SMOKE, "--set", "algorithm.kl_coeff=0.1", "--run-dir", str(short_run_dir / "never"),
+                timeout=60)
+    assert typo.returncode == 2 and "algorithm.kl_coeff: unknown key" in typo.stderr
+
+
+def test_unreachable_tracking_server_and_ray_fail_fast(short_run_dir):
+    start = time.monotonic()
+    done = klrl("run", SMOKE, "--run-dir", str(short_run_dir), "--tracking-uri", f"http://127.0.0.1:{free_port()}",
+                timeout=120)
+    assert done.returncode == 3 and "unreachable" in done.stderr
+    done = klrl("run", SMOKE, "--run-dir", str(short_run_dir / "b"), "--address", f"127.0.0.1:{free_port()}",
+                timeout=120)
+    assert done.returncode == 3 and "Ray cluster at" in done.stderr
+    assert time.monotonic() - start < 120
+
+
+def test_sigint_leaves_no_run_running_and_resume_finishes(short_run_dir):
+    log = open(short_run_dir / "driver.log", "w")
+    driver = subprocess.Popen([KLRL, "run", SMOKE, "--run-dir", str(short_run_dir), "--set", "run.steps=4",
+                               "--set", "run.checkpoint_every=1"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None:  # wait for a checkpointed step
+            if list((short_run_dir / "tune").rglob("checkpoint_*")):
+                break
+            time.sleep(2)
+        assert driver.poll() is None, (short_run_dir / "driver.log").read_text()[-3000:]
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        log.close()
+    assert driver.returncode != 0
+    statuses = [r.info.status for r in trial_runs(short_run_dir)]
+    assert statuses and "RUNNING" not in statuses, statuses
+    done = klrl("run", SMOKE, "--run-dir", str(short_run_dir), "--resume")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert_study_finished(short_run_dir, steps=4)
+
+
+if os.environ.get("KLRL_SKIP_E2E"):  # pragma: no cover - a switch for quick local loops
+    pytestmark = pytest.mark.skip(reason="KLRL_SKIP_E2E is set")

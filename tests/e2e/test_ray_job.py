@@ -1,0 +1,93 @@
+"""The cluster path: `ray start --head`, then `ray job submit --working-dir . -- klrl run smoke.yaml`.
+
+The head node gets free ports for everything it would otherwise bind to a fixed default (so it cannot
+clash with another Ray on this machine) and a temp dir inside the test's run dir. It is torn down by
+killing exactly the processes it started (found by that temp dir), not with `ray stop`, which would
+stop every Ray instance of this user on the machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from e2e_helpers import ROOT, SMOKE, free_port, trial_runs
+
+RAY = str(Path(sys.executable).with_name("ray"))
+JOB_TIMEOUT_S = 420
+
+
+def ray_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def processes_under(marker: str) -> list[int]:
+    """Pids whose command line mentions `marker` (this head's unique temp dir)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def kill_head(marker: str) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        pids = processes_under(marker)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while processes_under(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+def test_ray_job_submit_runs_the_smoke_study(short_run_dir):
+    temp_dir = short_run_dir / "ray"
+    dash = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    start = ray_cli("start", "--head", "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
+                    "--dashboard-port", str(dash), "--num-cpus", "2", "--temp-dir", str(temp_dir),
+                    "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+                    "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(free_port()),
+                    "--runtime-env-agent-port", str(free_port()), "--disable-usage-stats", env=env)
+    try:
+        assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
+        address = f"http://127.0.0.1:{dash}"
+        job_id = f"klrl-smoke-{uuid.uuid4().hex[:6]}"
+        run_dir = short_run_dir / "study"  # absolute: the job's working dir is a temporary copy
+        submit = ray_cli("job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
+                         "--working-dir", ".", "--", "klrl", "run", SMOKE, "--run-dir", str(run_dir), env=env)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        deadline, status = time.monotonic() + JOB_TIMEOUT_S, "PENDING"
+        while time.monotonic() < deadline:
+            status = ray_cli("job", "status", "--address", address, job_id, env=env).stdout
+            if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+                break
+            time.sleep(5)
+        logs = ray_cli("job", "logs", "--address", address, job_id, env=env).stdout
+        assert "SUCCEEDED" in status, f"job status: {status[-1000:]}\nlogs:\n{logs[-4000:]}"
+        assert "klrl: 2/2 trial(s) finished" in logs
+        runs = trial_runs(run_dir)
+        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+        state = json.loads((run_dir / "driver.json").read_text())
+        assert state["tracking_uri"].startswith("sqlite:///")
+    finally:
+        kill_head(str(temp_dir))
+    assert not processes_under(str(temp_dir))
+
+
+if os.environ.get("KLRL_SKIP_E2E"):  # pragma: no cover
+    pytestmark = pytest.mark.skip(reason="KLRL_SKIP_E2E is set")
