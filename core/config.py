@@ -49,8 +49,8 @@ class TinyModelConfig:
     num_kv_heads: int = _doc("Key/value heads (GQA; must divide num_heads).", 2)
     intermediate_size: int = _doc("MLP width.", 384)
     max_position_embeddings: int = _doc("Longest sequence the tiny model supports.", 512)
-    sft_steps: int = _doc("Supervised warm-start steps on generated palindromes.", 1500)
-    sft_batch_size: int = _doc("Sequences per warm-start step.", 64)
+    sft_steps: int = _doc("Most supervised warm-start steps (it stops early at sft_target_accuracy).", 900)
+    sft_batch_size: int = _doc("Sequences per warm-start step.", 32)
     sft_lr: float = _doc("Warm-start AdamW learning rate.", 3e-3)
     sft_examples: int = _doc("Generated palindrome examples for the warm start.", 20000)
     sft_target_accuracy: float = _doc(
@@ -130,12 +130,12 @@ class TaskConfig:
     train_size: int = _doc("Training prompts generated/loaded.", 512)
     eval_size: int = _doc("Held-out evaluation prompts (disjoint from training).", 32)
     data_seed: int = _doc("Seed of the generated dataset and its split.", 1234)
-    min_letters: int = _doc("Palindrome: fewest letters per prompt (>= 1).", 3)
+    min_letters: int = _doc("Palindrome: fewest letters per prompt (>= 1).", 4)
     max_letters: int = _doc("Palindrome: most letters per prompt (>= min_letters).", 5)
     data_path: str = _doc("DeepScaleR: local .jsonl/.parquet file or hub dataset id.", "")
     instruction: str = _doc("Instruction text put before the question ('' = the task's default).", "")
     compact_prompt: bool = _doc(
-        "Palindrome: give only the letters, not reasoning-gym's long wording (for tiny models).", False)
+        "Palindrome: give only the letters, not reasoning-gym's long wording (for tiny models).", True)
     format_reward: float = _doc("Reward for a well-formed but wrong answer (0 = off).", 0.0)
     prompts_per_step: int = _doc("Prompts per RL step (batch = prompts_per_step * n_samples).", 8)
 

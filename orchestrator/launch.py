@@ -151,9 +151,11 @@ def summarize(study: Study, results) -> Outcome:
         if result.error is not None:
             failed += 1
             continue
-        cfg = result.config or {}
-        steps = study.trial_config(cfg.get("grid", {}), cfg.get("search", {})).run.steps
-        finished += int((result.metrics or {}).get("step", 0) >= steps)
+        cfg, metrics = result.config or {}, result.metrics or {}
+        if not metrics or "grid" not in cfg:  # never started (e.g. the study was interrupted first)
+            continue
+        steps = study.trial_config(cfg["grid"], cfg.get("search", {})).run.steps
+        finished += int(metrics.get("step", 0) >= steps)
     total = study.num_trials()
     return Outcome(finished=finished, total=total, failed=failed, interrupted=finished + failed < total)
 
@@ -195,11 +197,12 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
     tracker, experiment_id, parent = open_study_runs(study, run_dir, uri, resume)
     setup = TrialSetup(study=study, run_dir=str(run_dir), tracking_uri=uri, experiment_id=experiment_id,
                        parent_run_id=parent, git_commit=git_commit())
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
-    status, outcome = "KILLED", None
+    status, previous = "KILLED", None
     try:
         prebuild_policies(study, run_dir, log)
         connect_ray(address, run_dir)
+        # After ray.init, which installs its own (aborting) SIGTERM handler in the driver.
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
         tuner = build_tuner(study, setup, run_dir, resume)
         log(f"klrl: study {study.name!r}: {study.num_trials()} trial(s); run dir {run_dir}; MLflow {uri}")
         outcome = summarize(study, tuner.fit())
@@ -209,7 +212,8 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
         status = "KILLED"
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         closed = tracker.end_open_children(experiment_id, parent, "FAILED" if status == "FAILED" else "KILLED")
         if closed:
             log(f"klrl: marked {closed} unfinished trial run(s) {'FAILED' if status == 'FAILED' else 'KILLED'}")

@@ -71,7 +71,9 @@ def plot_figure(series: Series, panels: Sequence[tuple[str, str]], title: str, p
                 continue
             steps, mean, lo, hi = seed_band(per_seed)
             color = f"C{k}"
-            ax.plot(steps, mean, color=color, label=f"{arm} ({len(per_seed)} seeds)")
+            n = len(per_seed)
+            # markers keep a metric logged once (diversity on a short run) visible
+            ax.plot(steps, mean, color=color, marker="o", markersize=2.5, label=f"{arm} ({n} seed{'s' * (n > 1)})")
             if len(per_seed) > 1:
                 ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
         ax.set_title(label, fontsize=9)

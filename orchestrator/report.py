@@ -8,14 +8,17 @@ writes, into out_dir and as artifacts (folder `report/`) of the study's parent r
 - `summary.csv`: one row per trial with its final values;
 - `{task}_{accuracy,entropy,kl_exact,kl_estimators,diversity}.png`: curves vs step (orchestrator/plots.py).
 
-"Final" value of a metric in a trial = mean of its last FINAL_WINDOW logged points (by step), which
-damps the step-to-step noise of a single batch. Only complete trials (status FINISHED and at least
+"Final" value of a metric in a trial = its mean over the trial's last FINAL_WINDOW steps, which damps
+the step-to-step noise of a single batch; metrics logged every few steps (diversity, eval) with no
+point in that window use their last logged point. Only complete trials (status FINISHED and at least
 `run.steps` logged steps) enter the CIs and tests unless include_unfinished=True, because a trial
 stopped early is compared at a different step; unfinished ones are still plotted and listed.
 
-Runs it relies on (written by orchestrator/tracking.py): the parent run has tag `klrl.role=study`
-(its run name is the study); trial runs carry `mlflow.parentRunId` and tags `task`, `seed`, `arm`
-(else `kl_mode`/`kl_estimator`, else params `algorithm.*`), and param `run.steps`.
+What it reads (written by orchestrator/trial.py and launch.py): the parent run has tag
+`klrl.role=study` (newest one wins, preferring run name = study); trials carry `mlflow.parentRunId`,
+tags `task`, `seed`, `kl_mode`, `kl_estimator` (fallback: params `task.name`, `run.seed`,
+`algorithm.*`), `axis.<dotted field>` tags (other varying settings split an arm, see _suffix_axes),
+an optional `arm` tag that overrides the derived arm, and param `run.steps`.
 """
 from __future__ import annotations
 
@@ -87,9 +90,16 @@ class Trial:
         return self.status == "FINISHED" and enough
 
     def final(self, key: str) -> float:
+        """Mean of `key` over the trial's last FINAL_WINDOW steps; a metric logged more sparsely
+        (diversity, eval) with no point in that window gives its last logged point."""
         steps, values = self.history.get(key, ([], []))
-        tail = [v for _, v in sorted(zip(steps, values))][-FINAL_WINDOW:]
-        tail = [v for v in tail if not math.isnan(v)]
+        if not steps:
+            return float("nan")
+        last = max(self.history.get(PROGRESS_KEY, (steps, []))[0] or steps)
+        points = sorted(zip(steps, values))
+        tail = [v for s, v in points if s > last - FINAL_WINDOW and not math.isnan(v)]
+        if not tail:
+            tail = [v for _, v in points if not math.isnan(v)][-1:]
         return sum(tail) / len(tail) if tail else float("nan")
 
 
@@ -212,7 +222,9 @@ def _findings(verdicts: dict, finals: dict[str, dict]) -> list[str]:
         v = verdicts["final accuracy"]
         means = {a: mean_ci(x).mean for a, x in finals["final accuracy"].items() if mean_ci(x).n}
         top = [a for a in means if means[a] == max(means.values())]
-        if v.best() == "none":
+        if not top:
+            agree = "untestable"
+        elif v.best() == "none":
             agree = "agrees"
         elif len(top) > 1:
             agree = f"tie: highest mean shared by {', '.join(top)}"
@@ -253,9 +265,10 @@ def render(study: str, trials: list[Trial], include_unfinished: bool, pngs: list
     n_done = sum(t.complete for t in trials)
     lines = [f"# klrl study report: {study}", "",
              f"{len(trials)} trial runs, {n_done} complete. Each cell: mean ± half-width of the 95% "
-             f"Student-t CI over seeds of each trial's final value (mean of its last {FINAL_WINDOW} "
-             f"logged points); 'n=1, no CI' with a single seed. Verdicts: two-sided Welch t-test between "
-             f"every pair of arms, Holm-adjusted per metric, significant at p < 0.05. "
+             f"Student-t CI over seeds of each trial's final value (its mean over the last {FINAL_WINDOW} "
+             f"steps, or its last point if logged more sparsely); 'n=1, no CI' with a single seed. "
+             f"Verdicts: two-sided Welch t-test between every pair of arms, Holm-adjusted per metric, "
+             f"significant at p < 0.05. "
              + ("Unfinished trials are included." if include_unfinished else
                 "Only complete trials (FINISHED, all run.steps logged) enter the table and tests."), ""]
     for task in sorted({t.task for t in trials}):

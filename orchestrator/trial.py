@@ -239,7 +239,11 @@ def loop(trial: Trial, start: int, tracker, run_id: str) -> None:
             tracker.log_text(run_id, json.dumps(metrics, indent=1, sort_keys=True), "final_metrics.json")
         track_s = time.perf_counter() - t0  # logged with the next step: MLflow overhead per step
         if _due(step, run.checkpoint_every, run.steps):
-            with tempfile.TemporaryDirectory(prefix="klrl-ckpt-") as tmp:
+            # Under the run dir, not /tmp: the learner actor writes it, possibly on another node, so
+            # on a multi-node cluster the run dir must be a shared filesystem (e.g. EFS/NFS).
+            staging = Path(run.run_dir) / "tmp"
+            staging.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="ckpt-", dir=staging) as tmp:
                 save(trial, step + 1, Path(tmp))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         else:
@@ -260,7 +264,7 @@ def build_trial(config: Config) -> Trial:
     torch.manual_seed(config.run.seed)
     random.seed(config.run.seed)
     task = make_task(config.task)
-    model_path = resolve_policy(config.model, environment.run_dir(config.run.run_dir), config.task)
+    model_path = local_model(resolve_policy(config.model, environment.run_dir(config.run.run_dir), config.task))
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     instruction = resolve_instruction(config.task.instruction, task.default_instruction)
     fmt = lambda examples: [format_prompt(tokenizer, instruction, e.question) for e in examples]  # noqa: E731
@@ -270,6 +274,21 @@ def build_trial(config: Config) -> Trial:
     rollout = RolloutGroup(model_path, config, pg)
     return Trial(config=config, task=task, prompts=fmt(task.train), eval_prompts=fmt(task.eval),
                  rollout=rollout, learner=learner)
+
+
+def local_model(path: Path | str) -> Path:
+    """A hub id as its folder in the local HF cache (the engines need a folder; klrl never downloads
+    mid-study: cluster.yaml's setup pre-fetches the seed studies' policy on every node)."""
+    if isinstance(path, Path):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"model.path: {path!r} is not in the local Hugging Face cache "
+                                f"($HF_HOME); fetch it first: huggingface-cli download {path}") from None
 
 
 def save(trial: Trial, next_step: int, folder: Path) -> None:
@@ -291,7 +310,8 @@ def restore(trial: Trial, checkpoint) -> int:
 
 def _open_child_run(tracker, setup: TrialSetup, config: Config, context, name: str, overrides: dict) -> str:
     """This trial's nested MLflow run; a restarted or resumed trial reopens the run it had."""
-    from orchestrator.config_io import yaml
+    import yaml
+
     from orchestrator.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG, TRIAL_TAG
 
     trial_id = context.get_trial_id() or "local"

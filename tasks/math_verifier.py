@@ -4,7 +4,7 @@ The problem: math-verify bounds `parse`/`verify` with `signal.alarm`, which only
 (Ray actors and Tune trainables call the reward from other threads, where it raises), and an alarm cannot
 interrupt sympy/GMP while it is inside C code (`2^{10^{12}}` would hang a signal-based guard anyway).
 
-The choice: run math-verify in one long-lived helper process (spawned, so no forked Ray/torch threads)
+The choice: run math-verify in one long-lived helper process (a fresh `python -c`, see _start)
 and give every check a wall-clock deadline; a check that misses it is answered False and the helper is
 killed and respawned on the next call. Inside the helper, math-verify runs in the helper's main thread,
 so its own alarms still work as a cheap first line (they return False without a respawn); the kill is
@@ -15,12 +15,18 @@ parse/verify itself (typically 1-20 ms) per check. Calls from several threads ar
 """
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
+import os
+import select
+import subprocess
+import sys
 import threading
 from functools import lru_cache
+from pathlib import Path
 
 MAX_ANSWER_CHARS = 300  # longer boxed answers are wrong for DeepScaleR's short gold answers anyway
 DEFAULT_TIMEOUT_S = 5.0  # wall clock per check, including the helper's own parse+verify alarms
+REPO_ROOT = Path(__file__).resolve().parents[1]  # so the helper imports this same `tasks` package
 STARTUP_TIMEOUT_S = 120.0  # spawning the helper and importing sympy, on a busy 2-core machine
 
 
@@ -42,21 +48,21 @@ def verify_here(answer: str, gold: str, timeout: int | None) -> bool:
     return bool(verify(gold_parsed, answer_parsed, timeout_seconds=timeout))
 
 
-def _serve(conn, alarm_s: int) -> None:
-    """Helper-process loop: (answer, gold) in, bool out, until the pipe closes."""
+def serve_stdio(alarm_s: int) -> None:
+    """Helper-process loop: one JSON [answer, gold] per stdin line in, one JSON bool per line out."""
     import math_verify  # noqa: F401  (import before saying ready, so no check pays for it)
 
-    conn.send("ready")
-    while True:
+    out = sys.stdout
+    out.write("ready\n")
+    out.flush()
+    for line in sys.stdin:
         try:
-            answer, gold = conn.recv()
-        except EOFError:
-            return
-        try:
+            answer, gold = json.loads(line)
             ok = verify_here(answer, gold, alarm_s)
         except Exception:  # a malformed expression is a wrong answer, never a crash
             ok = False
-        conn.send(ok)
+        out.write("true\n" if ok else "false\n")
+        out.flush()
 
 
 class MathVerifier:
@@ -65,42 +71,53 @@ class MathVerifier:
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
-        self._proc = None
-        self._conn = None
+        self._proc: subprocess.Popen | None = None
 
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
+        # A plain `python -c` child rather than multiprocessing's spawn: spawn re-imports the parent's
+        # __main__ (a Ray worker script, a user's script without a main guard), fork copies Ray/torch threads.
         alarm = max(1, int(self.timeout_s * 0.6))  # the helper's alarms fire before the parent's deadline
-        self._proc = ctx.Process(target=_serve, args=(child, alarm), daemon=True, name="klrl-math-verify")
-        self._proc.start()
-        child.close()
-        self._conn = parent
-        if not parent.poll(STARTUP_TIMEOUT_S) or parent.recv() != "ready":
+        path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=path)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", f"from tasks.math_verifier import serve_stdio; serve_stdio({alarm})"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+            env=env, cwd=str(REPO_ROOT))
+        if self._readline(STARTUP_TIMEOUT_S) != "ready":
             self._kill()
             raise RuntimeError(f"math-verify helper process did not start within {STARTUP_TIMEOUT_S} s")
+
+    def _readline(self, timeout_s: float) -> str | None:
+        """One stripped line from the helper, or None if none arrives within timeout_s."""
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
+        if not ready:
+            return None
+        line = self._proc.stdout.readline()
+        return line.strip() if line else None
 
     def _kill(self) -> None:
         if self._proc is not None:
             self._proc.kill()
-            self._proc.join(timeout=5)
-        if self._conn is not None:
-            self._conn.close()
-        self._proc = self._conn = None
+            self._proc.wait(timeout=5)
+            for stream in (self._proc.stdin, self._proc.stdout):
+                stream.close()
+        self._proc = None
 
     def check(self, answer: str, gold: str) -> bool:
         """True when `answer` equals `gold` per math-verify; False when wrong, unparsable or too slow."""
         if not answer or len(answer) > MAX_ANSWER_CHARS:
             return False
         with self._lock:
-            if self._proc is None or not self._proc.is_alive():
+            if self._proc is None or self._proc.poll() is not None:
                 self._kill()
                 self._start()
             try:
-                self._conn.send((answer, gold))
-                if self._conn.poll(self.timeout_s):
-                    return bool(self._conn.recv())
-            except (EOFError, OSError, BrokenPipeError):
+                self._proc.stdin.write(json.dumps([answer, gold]) + "\n")
+                self._proc.stdin.flush()
+                reply = self._readline(self.timeout_s)
+                if reply is not None:
+                    return reply == "true"
+            except (OSError, ValueError):
                 pass
             self._kill()  # missed the deadline or died: respawn on the next call
             return False
@@ -112,6 +129,12 @@ class MathVerifier:
     def close(self) -> None:
         with self._lock:
             self._kill()
+
+    def __getstate__(self) -> dict:  # pickled into Ray actors: ship the settings, not the process/lock
+        return {"timeout_s": self.timeout_s}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
     def __del__(self):  # best effort: the helper is a daemon, it also dies with this process
         try:

@@ -71,7 +71,8 @@ def check_model_folder(path: Path) -> Path:
     if not any((path / f).exists() for f in TOKENIZER_FILES):
         missing.append(" or ".join(TOKENIZER_FILES))
     if missing:
-        raise ValueError(f"model.path: folder {str(path)!r} is not a HF model folder: missing {', '.join(missing)}")
+        raise ValueError(f"model.path: folder {str(path)!r} is not a HF model folder: "
+                         f"missing {', '.join(missing)}")
     return path.resolve()
 
 

@@ -4,11 +4,12 @@
 tokenizer_config.json with a chat template, generation_config.json) that both
 `AutoModelForCausalLM.from_pretrained` and vLLM (`LLM(model=out_dir, dtype="float32")`) load.
 
-Size (defaults: hidden 128, 4 layers, MLP 384, vocab ~110): about 0.8M parameters, ~3 MB in float32.
-Why this size: on a shared 2-core CPU one forward+backward of a 64 x ~40-token batch costs ~6 * 0.8M
-* 2.6k tokens ~ 12 GFLOP (~0.2-0.4 s), so a few hundred warm-start steps fit the ~3-minute budget
-and an RL step stays dominated by orchestration rather than math; yet 4 layers of attention are
-enough to pair letters, pick an order of the half and mirror it (the palindrome task).
+Size (defaults: hidden 128, 4 layers, 4 heads / 2 kv heads, MLP 384, vocab 266): 856,704 parameters,
+3.4 MB in float32. Why this size: a warm-start step (32 sequences x ~16 tokens) is ~6 * 0.86M * 512
+~ 2.6 GFLOP, ~0.1 s on one free core, so several hundred steps fit the ~3-minute budget even on the
+shared 2-core machine, and an RL step stays dominated by orchestration rather than math; yet 4
+attention layers are enough to pick an order of the letter pairs and mirror it (the palindrome task).
+head_dim 32 is one vLLM's CPU attention supports.
 
 Tokenizer: one token per byte (a byte-level BPE with no merges, so every ASCII character is its own
 token and any UTF-8 text round-trips). Chat-control tokens are

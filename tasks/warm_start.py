@@ -12,6 +12,12 @@ Stopping: the point is a *non-saturated* reference (the issue asks for 20-80% va
 every `CHECK_EVERY` steps the policy is sampled (T=1.0) on a generated validation set and training
 stops at the first check at or above `sft_target_accuracy`, or after `sft_steps`.
 The measured eval-split accuracy, distinct answers (n=8), steps and wall time go to warm_start.json.
+
+Measured with the defaults (4-5 letters, batch 32, lr 3e-3, target 0.5; one torch thread): stops at
+step 400, eval accuracy 0.53 and 1.28 distinct valid answers per prompt (n=8, T=1.0), 57-87 s of
+training on the shared 2-core machine at load average 20-26 (other engineers' jobs). Why 4-5 letters:
+3-letter prompts have a single valid answer (no diversity to measure), and with 6+ letters the mirror
+is learned too slowly for the budget (7% valid after 350 steps, against 50% for 4-5).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from tasks.palindrome import PalindromeTask, letters_key, question_for
 from tasks.policy_eval import measure
 from tasks.prompts import format_prompt, resolve_instruction
 
-CHECK_EVERY = 25  # steps between validation samplings (each ~1-2 s on 2 cores)
+CHECK_EVERY = 50  # steps between validation samplings (each ~2-4 s on a busy 2-core machine)
 VAL_PROMPTS, VAL_N = 48, 4  # validation: 192 samples, accuracy std ~3.5 points
 EVAL_N = 8  # samples per eval prompt for the recorded numbers (the issue's n=8)
 WARMUP_STEPS = 20

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from workers.rollout import RolloutWorker
 
 CALL_TIMEOUT_S = 900.0  # longest a single actor call may take (a slow CPU rollout or update)
 START_TIMEOUT_S = 600.0  # actor start: model load + DeepSpeed init (JIT-compiles a comm op on first use)
+PORT_ATTEMPTS = 3
 
 
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:
@@ -86,11 +88,25 @@ def _get(refs, what: str, timeout_s: float):
         raise TimeoutError(f"{what}: no answer within {timeout_s:.0f} s (actor hung or too slow)") from None
 
 
+def _get_failfast(refs: list, what: str, timeout_s: float) -> list:
+    """Like _get on a list, but raises the first failure as soon as it arrives: a rank that died in
+    its constructor would otherwise leave the driver waiting on the ranks stuck in the rendezvous."""
+    pending, deadline = list(refs), time.monotonic() + timeout_s
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError(f"{what}: no answer within {timeout_s:.0f} s (actor hung or too slow)")
+        ray.get(ready)  # raises the actor's error
+    return ray.get(refs)
+
+
 def _options(pg: PlacementGroup, bundle: int, cpus: float, gpus: float) -> dict:
     return dict(num_cpus=cpus, num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
                                                                      placement_group_bundle_index=bundle),
-                runtime_env={"env_vars": environment.actor_env_vars()})
+                # One math thread per reserved CPU: the driver's OMP_NUM_THREADS (all cores) in every
+                # actor oversubscribes the node, and spinning OpenMP threads then slow all of them.
+                runtime_env={"env_vars": {**environment.actor_env_vars(), "OMP_NUM_THREADS": str(max(1, int(cpus)))}})
 
 
 @ray.remote
@@ -108,8 +124,8 @@ class LearnerGroup:
 
     def __init__(self, model_path: str | os.PathLike, config: Config, pg: PlacementGroup, first_bundle: int = 0,
                  reference_path: str | os.PathLike | None = None, timeout_s: float = CALL_TIMEOUT_S):
-        lc = config.learner
-        self.config, self.timeout_s, self.world_size = config, timeout_s, lc.num_workers
+        self.config, self.timeout_s, self.world_size = config, timeout_s, config.learner.num_workers
+        self.actors: list = []
         # Cheap driver-side checks first: a rank that dies in its constructor would leave the others
         # waiting in torch.distributed's rendezvous.
         policy = check_model_dir(model_path, "model_path")
@@ -117,17 +133,26 @@ class LearnerGroup:
         if _vocab_size(policy) != _vocab_size(reference):
             raise ValueError(f"reference_path: vocabulary mismatch, policy '{policy}' has vocab_size "
                              f"{_vocab_size(policy)} but reference '{reference}' has {_vocab_size(reference)}")
-        bundle = [first_bundle + learner_bundle(config, r) for r in range(self.world_size)]
-        addr, port = _get(_master_address.options(**_options(pg, bundle[0], 0, 0)).remote(),
+        bundles = [first_bundle + learner_bundle(config, r) for r in range(self.world_size)]
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._start(policy, reference, pg, bundles)
+                return
+            except Exception as error:
+                self.shutdown()
+                # The free port rank 0 was given can be taken by another process before it binds it.
+                if "EADDRINUSE" not in str(error) or attempt == PORT_ATTEMPTS - 1:
+                    raise
+
+    def _start(self, policy: Path, reference: Path, pg: PlacementGroup, bundles: list[int]) -> None:
+        lc = self.config.learner
+        addr, port = _get(_master_address.options(**_options(pg, bundles[0], 0, 0)).remote(),
                           "learner master address", START_TIMEOUT_S)
         actor = ray.remote(LearnerWorker)
-        self.actors = [actor.options(**_options(pg, bundle[r], lc.cpus_per_worker, lc.gpus_per_worker)).remote(
-            str(policy), config, r, self.world_size, addr, port, str(reference)) for r in range(self.world_size)]
-        try:
-            _get([a.ping.remote() for a in self.actors], "learner start", START_TIMEOUT_S)
-        except Exception:
-            self.shutdown()
-            raise
+        self.actors = [actor.options(**_options(pg, bundles[r], lc.cpus_per_worker, lc.gpus_per_worker)).remote(
+            str(policy), self.config, r, self.world_size, addr, port, str(reference))
+            for r in range(self.world_size)]
+        _get_failfast([a.ping.remote() for a in self.actors], "learner start", START_TIMEOUT_S)
 
     def _check_divides(self, rows: int) -> None:
         if rows % self.world_size:
@@ -188,7 +213,7 @@ class RolloutGroup:
         self.actors = [actor.options(**_options(pg, first + i, rc.cpus_per_worker, rc.gpus_per_worker)).remote(
             str(folder), rc, config.model.dtype, config.run.seed + i) for i in range(rc.num_workers)]
         try:
-            _get([a.__ray_ready__.remote() for a in self.actors], "rollout start", START_TIMEOUT_S)
+            _get_failfast([a.__ray_ready__.remote() for a in self.actors], "rollout start", START_TIMEOUT_S)
         except Exception:
             self.shutdown()
             raise

@@ -178,7 +178,7 @@ class LearnerWorker:
             ref_logits = response_logits(self.reference, inputs, temperature)
             reverse, forward = exact_token_kl(logits, ref_logits, self.config.learner.kl_chunk_size)
             values = (token_logprobs(logits, inputs.response_ids), token_logprobs(ref_logits, inputs.response_ids),
-                      entropy_from_logits(logits), reverse, forward)
+                      entropy_from_logits(logits, self.config.learner.kl_chunk_size), reverse, forward)
             mask = inputs.response_mask
             parts.append([_pad_cols(torch.where(mask, v.float(), 0.0).cpu(), T) for v in values])
             del logits, ref_logits
@@ -186,7 +186,13 @@ class LearnerWorker:
 
     # ---------------------------------------------------------------------------------------- update
     def update(self, batch: TrainBatch) -> dict[str, float]:
-        """ppo_epochs x mini_batches optimizer steps on this rank's shard; returns averaged metrics."""
+        """ppo_epochs x mini_batches optimizer steps on this rank's shard; returns metrics averaged over
+        steps ('learner/tokens' and 'learner/sequences' are summed: response tokens and rows processed,
+        epochs included). Mini-batches are contiguous row ranges of the shard, not shuffled, so rows of
+        a prompt's group stay together. With mini_batches=1 a data-parallel update equals the
+        single-process update on the concatenated batch up to float summation order; with more, a
+        global mini-batch is the union of the ranks' m-th slices.
+        """
         lc = self.config.learner
         n = batch.rollout.batch_size
         if n % lc.mini_batches:
@@ -303,7 +309,8 @@ class LearnerWorker:
         """
         directory = Path(directory)
         if not (directory / CHECKPOINT_TAG).is_dir():
-            raise FileNotFoundError(f"no klrl learner checkpoint at '{directory}' (expected {directory}/{CHECKPOINT_TAG})")
+            raise FileNotFoundError(f"no klrl learner checkpoint at '{directory}' "
+                                    f"(expected {directory}/{CHECKPOINT_TAG})")
         path, client_state = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at '{directory}'")

@@ -8,6 +8,10 @@ measures it against raw vLLM:
     draws the same completions while nearby seeds (step k vs k+1) share no sample streams;
   - the sampled tokens' log-probs (`logprobs=0` returns only the sampled token's), read from vLLM's
     `FlatLogprobs` lists without building per-token dicts;
+  - `detokenize=False`, with the texts decoded once at the end by one `batch_decode`: with log-probs
+    requested, vLLM otherwise detokenizes every log-prob token in Python (and re-decodes context for
+    byte tokens), which cost ~30% of the tiny policy's rollout CPU time (see benchmarks/rollout.py).
+    klrl stops on EOS only, so no stop strings need vLLM's incremental detokenizer;
   - padded tensors built with one preallocated tensor per field and one masked scatter each.
 Weights are pushed in place with `collective_rpc("reload_weights")`: on CPU vLLM repacks linear weights
 at load time, so `model.load_weights` on the running model does not work, while reload_weights redoes
@@ -63,7 +67,7 @@ class RolloutWorker:
         from vllm import LLM  # imported late: it is heavy and reads the environment set above
 
         self.llm = LLM(**engine_args)
-        tokenizer = self.llm.get_tokenizer()
+        self.tokenizer = tokenizer = self.llm.get_tokenizer()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = int(pad if pad is not None else 0)
 
@@ -91,8 +95,8 @@ class RolloutWorker:
         max_tokens = self.rollout.max_new_tokens if max_new_tokens is None else max_new_tokens
         temperature = self.rollout.temperature if temperature is None else temperature
         return [SamplingParams(n=n, seed=s, temperature=temperature, top_p=self.rollout.top_p,
-                               max_tokens=max_tokens, logprobs=0, flat_logprobs=True, ignore_eos=ignore_eos,
-                               min_tokens=max_tokens if ignore_eos else 0)
+                               max_tokens=max_tokens, logprobs=0, flat_logprobs=True, detokenize=False,
+                               ignore_eos=ignore_eos, min_tokens=max_tokens if ignore_eos else 0)
                 for s in prompt_seeds]
 
     def to_batch(self, prompts: list[str], outputs: list, n: int) -> RolloutBatch:
@@ -131,7 +135,8 @@ class RolloutWorker:
             group_index=torch.arange(n_prompts).repeat_interleave(n),
             finish_reasons=[c.finish_reason for c in completions],
             prompt_texts=[p for p in prompts for _ in range(n)],
-            response_texts=[c.text for c in completions],
+            response_texts=self.tokenizer.batch_decode([c.token_ids for c in completions],
+                                                       skip_special_tokens=True),
             pad_token_id=pad,
         )
 

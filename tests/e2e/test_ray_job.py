@@ -73,7 +73,7 @@ def test_ray_job_submit_runs_the_smoke_study(short_run_dir):
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         deadline, status = time.monotonic() + JOB_TIMEOUT_S, "PENDING"
         while time.monotonic() < deadline:
-            status = ray_cli("job", "status", "--address", address, job_id, env=env).stdout
+            status = ray_cli("job", "status", "--address", address, job_id, env=env).stdout.upper()
             if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
                 break
             time.sleep(5)

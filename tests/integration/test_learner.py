@@ -12,6 +12,8 @@ import torch
 from core.config import Config, TinyModelConfig
 from core.types import RolloutBatch, TrainBatch
 
+pytestmark = pytest.mark.timeout(600)  # bounded even on a loaded machine (idle: ~1 min)
+
 B, P, T = 8, 6, 9
 
 

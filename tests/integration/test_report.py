@@ -235,3 +235,16 @@ def test_report_through_an_mlflow_server(mlflow_server, tmp_path):
     text = write_report("served", mlflow_server, tmp_path).read_text()
     assert "in_reward/k1 lower than none" in text and "palindrome / in_loss/k3 / seed 1: no run" in text
     assert "report/report.md" in {a.path for a in client.list_artifacts(parent, "report")}
+
+
+def test_final_is_the_mean_over_the_last_steps_or_the_last_sparse_point():
+    from orchestrator.report import Trial
+
+    t = Trial("r", "r", "p", "none", "0", "FINISHED", 20, history={
+        "reward/mean": (list(range(20)), [0.0] * 15 + [1.0, 2.0, 3.0, 4.0, 5.0]),
+        "diversity/embed_cos": ([4, 9, 14, 19], [0.1, 0.2, 0.3, 0.4]),  # diversity_every=5
+        "eval/pass_at_1": ([9], [0.7])})  # eval_every=10 on a trial that stopped logging eval early
+    assert t.final("reward/mean") == pytest.approx(3.0)
+    assert t.final("diversity/embed_cos") == pytest.approx(0.4)
+    assert t.final("eval/pass_at_1") == pytest.approx(0.7)
+    assert t.steps_logged == 20 and t.complete

@@ -81,8 +81,7 @@ def test_batch_layout(worker, batch):
             assert ids[-1] == tok.eos_token_id  # EOS is a generated, masked-in token
         else:
             assert batch.finish_reasons[row] == "length" and length == 12
-        # vLLM's incremental detokenizer withholds a trailing incomplete UTF-8 sequence (random bytes here).
-        assert batch.response_texts[row] == tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+        assert batch.response_texts[row] == tok.decode(ids, skip_special_tokens=True)
     assert set(batch.finish_reasons) <= {"stop", "length"}
 
 

@@ -14,14 +14,18 @@ import torch
 from core.config import Config, TinyModelConfig
 from core.types import TrainBatch
 
+pytestmark = pytest.mark.timeout(600)  # bounded even on a loaded machine (idle: ~1 min)
+
 PROMPTS = ["<|user|>abc<|end|><|assistant|>", "<|user|>racecar<|end|><|assistant|>", "xyz", "<|user|>ab<|end|>"]
 N, TOL = 4, 1e-4
 
 
 @pytest.fixture(scope="module")
 def config() -> Config:
+    # lr 1e-4: Adam's first step is ~lr * sign(grad) on every weight; on this peaked tiny model 2e-3
+    # moves log-probs by tens of nats and the first-order (advantage-following) effect is lost.
     return Config().replace(**{
-        "learner.lr": 2e-3, "learner.micro_batch_size": 8, "rollout.n_samples": N, "task.prompts_per_step": 4,
+        "learner.lr": 1e-4, "learner.micro_batch_size": 8, "rollout.n_samples": N, "task.prompts_per_step": 4,
         "rollout.max_new_tokens": 12, "rollout.max_model_len": 128})
 
 

@@ -157,3 +157,28 @@ def test_hub_id_without_datasets_gives_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(ValueError, match="hub dataset id.*datasets"):
         load_rows("agentica-org/DeepScaleR-Preview-Dataset")
+
+
+def test_task_pickles_for_ray_actors(task):
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(task))
+    try:
+        assert clone.reward("\\boxed{6}", ex("6")) == 1.0
+    finally:
+        clone.verifier.close()
+
+
+def test_deadline_kills_and_respawns_the_helper():
+    """Work the helper's own alarm cannot stop in time (deadline below the 1 s alarm) is cut by a kill."""
+    verifier = MathVerifier(timeout_s=0.2)
+    try:
+        verifier.warm_up()
+        start = time.monotonic()
+        assert verifier.check("9^{9^{9^{9}}}", "42") is False  # sympy works on it until the 1 s alarm
+        assert time.monotonic() - start < 0.2 + 5.0
+        assert verifier._proc is None  # killed; the next call starts a fresh helper
+        verifier.timeout_s = 30.0
+        assert verifier.check("\\frac{1}{2}", "0.5")
+    finally:
+        verifier.close()

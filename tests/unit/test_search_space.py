@@ -162,3 +162,17 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config():
     assert config["provider"]["type"] in ("aws", "gcp")
     assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in types.values())
     assert any("[gpu]" in cmd for cmd in config["setup_commands"])
+
+
+def test_optuna_searcher_accepts_the_space_and_suggests_valid_trials():
+    """OptunaSearch (no Ray cluster needed) takes the study's param space; each suggestion is a valid trial."""
+    study = load_study(next(p for p in SPACES if p.stem == "optuna_kl_coef"))
+    tune_config = study.tune_config()
+    searcher = tune_config.search_alg
+    assert searcher.set_search_properties(tune_config.metric, tune_config.mode, study.param_space())
+    lo, hi = study.optuna["params"]["algorithm.kl_coef"]["loguniform"]
+    for i in range(3):
+        suggestion = searcher.suggest(f"t{i}")
+        config = study.trial_config(suggestion["grid"], suggestion["search"])
+        assert lo <= config.algorithm.kl_coef <= hi and config.algorithm.kl_mode == "in_reward"
+        searcher.on_trial_complete(f"t{i}", {tune_config.metric: 0.1 * i, "training_iteration": 1})
