@@ -14,11 +14,16 @@ export PIP_CACHE_DIR := $(KLRL_RUN_DIR)/cache/pip
 
 .PHONY: run test install clean
 
+# A second `make run` resumes the study in $(RUN_DIR)/miniature: it finishes an interrupted one, or
+# only rewrites the report of a complete one. Delete $(RUN_DIR)/miniature to start over.
 run: $(STAMP)
-	$(VENV)/bin/klrl run search_spaces/miniature.yaml
+	$(VENV)/bin/klrl run search_spaces/miniature.yaml \
+		$(if $(wildcard $(KLRL_RUN_DIR)/miniature/tune/miniature),--resume)
 
+# Tests keep their caches and tiny-model cache in runs/test, apart from the study's runs/miniature.
 test: $(STAMP)
-	$(PY) -m pytest -q -rs tests
+	KLRL_RUN_DIR=$(KLRL_RUN_DIR)/test MPLCONFIGDIR=$(KLRL_RUN_DIR)/test/cache/matplotlib \
+		$(PY) -m pytest -q -rs --durations=15 tests
 
 install: $(STAMP)
 

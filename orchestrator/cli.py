@@ -1,7 +1,7 @@
 """`klrl`: run a study, report on it, browse it in MLflow.
 
     klrl run SPACE.yaml [--set key=value ...] [--address auto|HOST:PORT|ray://HOST:PORT]
-                        [--tracking-uri URI] [--resume] [--run-dir DIR]
+                        [--tracking-uri URI] [--storage-path URI] [--resume] [--run-dir DIR]
     klrl validate SPACE.yaml [--set key=value ...]    # check a study file, list its trials, run nothing
     klrl report STUDY [--out DIR] [--include-unfinished] # STUDY: a run dir, a study file or a study name
     klrl ui [STUDY] [--port 5000]                        # MLflow UI on 127.0.0.1 over the study's store
@@ -60,7 +60,7 @@ def cmd_run(args) -> int:
     try:
         study = launch.prepare_run_dir(study, run_dir, args.resume)
         outcome = launch.run_study(study, run_dir, address=args.address, tracking_uri=args.tracking_uri,
-                                   resume=args.resume)
+                                   resume=args.resume, storage_path=args.storage_path)
     except (launch.LaunchError, TrackingError) as exc:
         _err(str(exc))
         return EXIT_LAUNCH
@@ -195,6 +195,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None, help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT "
                                                      "(default: start a local Ray)")
     run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the run dir)")
+    run.add_argument("--storage-path", default=None,
+                     help="Tune checkpoints and experiment state: a path every node shares (NFS/EFS) or a "
+                          "bucket URI like s3://bucket/klrl; required on multi-node clusters "
+                          "(default: <run dir>/tune)")
     run.add_argument("--resume", action="store_true", help="continue an interrupted study in --run-dir")
     run.add_argument("--run-dir", default=None, help="study directory (default: $KLRL_RUN_DIR/<study>)")
     run.set_defaults(func=cmd_run)

@@ -7,8 +7,8 @@ SIGTERM) the driver ends every child run a killed trial could not end itself, so
 
 Run directory layout (one study per directory):
     <run_dir>/study.yaml      the study as run (overrides applied), reread by --resume
-    <run_dir>/driver.json     MLflow ids of the study (experiment, parent run), reread by --resume
-    <run_dir>/tune/<name>/    Tune's experiment state, trial checkpoints
+    <run_dir>/driver.json     MLflow ids of the study (experiment, parent run), Tune storage; reread by --resume
+    <run_dir>/tune/<name>/    Tune's experiment state, trial checkpoints (or --storage-path/<name>)
     <run_dir>/mlflow.db, mlartifacts/   default MLflow store
     <run_dir>/ray/            Ray's temp dir when klrl starts Ray itself
 """
@@ -90,7 +90,75 @@ def connect_ray(address: str | None, run_dir: Path):
         raise LaunchError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')}: {exc}") from None
 
 
-def open_study_runs(study: Study, run_dir: Path, uri: str, resume: bool):
+def storage_for(run_dir: Path, given: str | None, resume: bool) -> str:
+    """Tune's storage_path: --storage-path, else what the study used (on --resume), else <run_dir>/tune."""
+    state_file = run_dir / "driver.json"
+    if given is None and resume and state_file.exists():
+        given = json.loads(state_file.read_text()).get("storage_path")
+    return given or str(run_dir / "tune")
+
+
+SHARED_FS_TYPES = ("nfs", "nfs4", "efs", "lustre", "cifs", "smb3", "ceph", "gpfs", "beegfs", "glusterfs", "fuse")
+
+
+def on_shared_filesystem(path: str) -> bool:
+    """True if path's mount (longest matching /proc/mounts entry) is a network or FUSE filesystem."""
+    target, best, fstype = str(Path(path).resolve()), "", ""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 3 and (target == fields[1] or target.startswith(fields[1].rstrip("/") + "/")) \
+                and len(fields[1]) > len(best):
+            best, fstype = fields[1], fields[2]
+    return fstype.startswith(SHARED_FS_TYPES)
+
+
+def check_multi_node_storage(uri: str, storage: str, trial_resources: dict[str, float]) -> None:
+    """On a multi-node cluster, refuse node-local stores before any trial starts.
+
+    Trials run on worker nodes, where a sqlite/file MLflow store or a Tune storage path on the driver's
+    local disk is a *different* file: their runs and checkpoints would never reach the driver (Tune
+    itself only fails at the first checkpoint, minutes in). A cluster counts as multi-node when it has
+    two nodes now, or when one trial needs more of a resource than it has now (an autoscaler will add
+    nodes, e.g. cluster.yaml's GPU workers behind a GPU-less head).
+    """
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    have = ray.cluster_resources()
+    will_scale = any(need > have.get(key, 0.0) for key, need in trial_resources.items())
+    if nodes < 2 and not will_scale:
+        return
+    parsed = urlparse(uri)
+    problems = []
+    # sqlite:////abs/mlflow.db parses to the path //abs/mlflow.db
+    store = "/" + parsed.path.lstrip("/") if parsed.scheme == "sqlite" else parsed.path
+    if parsed.scheme in ("", "file", "sqlite") and not on_shared_filesystem(store):
+        problems.append(f"--tracking-uri {uri} (start `mlflow server` and pass http://<host>:5000)")
+    if "://" not in storage and not on_shared_filesystem(storage):
+        problems.append(f"--storage-path {storage} (pass s3://<bucket>/klrl or a path on a shared mount)")
+    if problems:
+        why = f"has {nodes} nodes" if nodes > 1 else "must add nodes for a trial (it lacks the resources)"
+        raise LaunchError(f"this Ray cluster {why}, and trials on other nodes than this driver's cannot "
+                          "reach a node-local store: " + "; ".join(problems))
+
+
+def max_trial_resources(study: Study) -> dict[str, float]:
+    """The most of each resource (CPU, GPU) that one trial of the study asks for."""
+    from workers.actors import bundles_for
+
+    out: dict[str, float] = {}
+    configs = [study.trial_config(labels) for labels in study.grid()] or [study.trial_config({})]
+    for config in configs:
+        for key in ("CPU", "GPU"):
+            out[key] = max(out.get(key, 0.0), sum(b.get(key, 0.0) for b in bundles_for(config)))
+    return out
+
+
+def open_study_runs(study: Study, run_dir: Path, uri: str, resume: bool, storage: str):
     """(tracker, experiment id, parent run id); --resume reopens the parent run of the interrupted study."""
     tracker = make_tracker(uri)
     state_file = run_dir / "driver.json"
@@ -104,11 +172,12 @@ def open_study_runs(study: Study, run_dir: Path, uri: str, resume: bool):
     tracker.log_params(parent, {"study.file": study.path, "study.trials": study.num_trials(),
                                 "study.axes": ",".join(a.name for a in study.axes) or "-"})
     tracker.log_text(parent, (run_dir / "study.yaml").read_text(), "study.yaml")
-    state_file.write_text(json.dumps({"experiment_id": experiment_id, "parent_run_id": parent, "tracking_uri": uri}))
+    state_file.write_text(json.dumps({"experiment_id": experiment_id, "parent_run_id": parent, "tracking_uri": uri,
+                                      "storage_path": storage}))
     return tracker, experiment_id, parent
 
 
-def build_tuner(study: Study, setup: TrialSetup, run_dir: Path, resume: bool):
+def build_tuner(study: Study, setup: TrialSetup, storage: str, resume: bool):
     from ray import tune
 
     from workers.actors import bundles_for
@@ -118,10 +187,9 @@ def build_tuner(study: Study, setup: TrialSetup, run_dir: Path, resume: bool):
         return tune.PlacementGroupFactory(bundles_for(config))
 
     trainable = tune.with_resources(tune.with_parameters(train, setup=setup), resources)
-    storage = run_dir / "tune"
     if resume:
-        path = storage / study.name
-        if not tune.Tuner.can_restore(str(path)):
+        path = f"{storage.rstrip('/')}/{study.name}"
+        if not tune.Tuner.can_restore(path):
             raise LaunchError(f"--resume: no Tune experiment to resume under {path}")
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     axis_columns = {f"grid/{a.name}": a.name for a in study.axes}
@@ -131,7 +199,7 @@ def build_tuner(study: Study, setup: TrialSetup, run_dir: Path, resume: bool):
                         "entropy/token_mean": "entropy", "time/step_s": "step_s"},
         parameter_columns=axis_columns, max_report_frequency=15, sort_by_metric=False)
     run_config = tune.RunConfig(
-        name=study.name, storage_path=str(storage), progress_reporter=reporter, verbose=1,
+        name=study.name, storage_path=storage, progress_reporter=reporter, verbose=1,
         failure_config=tune.FailureConfig(max_failures=study.tune.get("max_failures", 1)),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
     tune_config = study.tune_config()
@@ -185,25 +253,27 @@ def _sigterm_as_sigint(signum, frame):
 
 
 def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_uri: str | None = None,
-              resume: bool = False, log=print) -> Outcome:
+              resume: bool = False, storage_path: str | None = None, log=print) -> Outcome:
     """Run or resume a validated study; returns the Outcome (the CLI exits 0 iff outcome.ok)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's CLIReporter table instead of the AIR output
     uri = tracking_uri_for(study, run_dir, tracking_uri)
     check_reachable(uri)
     check_ray_address(address)
+    storage = storage_for(run_dir, storage_path, resume)
     if not resume and (run_dir / "tune" / study.name).exists():
         raise LaunchError(f"{run_dir} already holds study {study.name!r}: pass --resume to continue it, "
                           f"another --run-dir, or delete {run_dir}")
-    tracker, experiment_id, parent = open_study_runs(study, run_dir, uri, resume)
+    tracker, experiment_id, parent = open_study_runs(study, run_dir, uri, resume, storage)
     setup = TrialSetup(study=study, run_dir=str(run_dir), tracking_uri=uri, experiment_id=experiment_id,
                        parent_run_id=parent, git_commit=git_commit())
     status, previous = "KILLED", None
     try:
         prebuild_policies(study, run_dir, log)
         connect_ray(address, run_dir)
+        check_multi_node_storage(uri, storage, max_trial_resources(study))
         # After ray.init, which installs its own (aborting) SIGTERM handler in the driver.
         previous = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
-        tuner = build_tuner(study, setup, run_dir, resume)
+        tuner = build_tuner(study, setup, storage, resume)
         log(f"klrl: study {study.name!r}: {study.num_trials()} trial(s); run dir {run_dir}; MLflow {uri}")
         outcome = summarize(study, tuner.fit())
         status = "FINISHED" if outcome.ok else ("KILLED" if outcome.interrupted else "FAILED")

@@ -219,9 +219,13 @@ class RolloutGroup:
             raise
 
     def generate(self, prompts: list[str], n: int, seed: int) -> RolloutBatch:
-        """n samples per prompt; worker i gets the i-th contiguous slice of prompts and seed + i."""
+        """n samples per prompt; worker i gets the i-th contiguous slice of prompts and seed W*seed + i.
+
+        W*seed + i (W workers), not seed + i: callers pass consecutive seeds for consecutive steps, and
+        with seed + i worker 1 at step k would replay worker 0's sample stream of step k + 1.
+        """
         chunks = [c.tolist() for c in np.array_split(np.arange(len(prompts)), len(self.actors)) if len(c)]
-        refs = [a.generate.remote([prompts[j] for j in idx], n, seed + i)
+        refs = [a.generate.remote([prompts[j] for j in idx], n, len(self.actors) * seed + i)
                 for i, (a, idx) in enumerate(zip(self.actors, chunks))]
         return RolloutBatch.concat(_get(refs, "rollout generate", self.timeout_s))
 

@@ -127,3 +127,14 @@ def test_export_weights_matches_the_model_folder(pg, model_dir):
     expected = dict(AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())
     assert exported.keys() == expected.keys()
     assert all(torch.equal(exported[k], expected[k].detach()) for k in expected)
+
+
+def test_node_local_stores_refused_when_trials_need_other_nodes(ray_session, tmp_path):
+    from orchestrator.launch import LaunchError, check_multi_node_storage
+
+    sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    check_multi_node_storage(sqlite, str(tmp_path / "tune"), {"CPU": 2.0})  # fits this one node: fine
+    # A trial needing a GPU this CPU-only cluster lacks means an autoscaler adds nodes: local stores refused.
+    with pytest.raises(LaunchError, match="--tracking-uri sqlite.*--storage-path"):
+        check_multi_node_storage(sqlite, str(tmp_path / "tune"), {"CPU": 1.0, "GPU": 4.0})
+    check_multi_node_storage("http://mlflow.internal:5000", "s3://bucket/klrl", {"GPU": 4.0})  # shared: fine

@@ -6,6 +6,8 @@ warm_start.json); later runs load the cache. Accuracy is re-measured here with H
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,18 @@ from tasks.policy_eval import measure
 from tasks.prompts import resolve_instruction
 
 
+BUILD = ("import sys; from pathlib import Path; from core.config import ModelConfig, TaskConfig; "
+         "from tasks.policy import resolve_policy; resolve_policy(ModelConfig(path='tiny'), Path(sys.argv[1]), "
+         "TaskConfig())")
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(run_dir) -> Path:
+    # Built in a fresh process: earlier tests ran vLLM (which pins this process's OpenMP threads to
+    # cores) and DeepSpeed ZeRO-3 (which patches F.linear globally) in-process, and either one makes
+    # the warm start here many times slower. The build is cached, so the in-process call is a hit.
+    subprocess.run([sys.executable, "-c", BUILD, str(run_dir)], check=True, timeout=1200,
+                   cwd=Path(__file__).resolve().parents[2])
     return resolve_policy(ModelConfig(path="tiny"), run_dir, TaskConfig())
 
 
