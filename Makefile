@@ -11,6 +11,7 @@ export KLRL_RUN_DIR := $(abspath $(RUN_DIR))
 export RAY_AUTH_MODE := disabled
 export MPLCONFIGDIR := $(KLRL_RUN_DIR)/cache/matplotlib
 export PIP_CACHE_DIR := $(KLRL_RUN_DIR)/cache/pip
+export MLFLOW_DISABLE_TELEMETRY := true
 
 .PHONY: run test install clean
 

@@ -30,6 +30,8 @@ def cache_env(root: Path) -> dict[str, str]:
         "VLLM_CONFIG_ROOT": str(cache / "vllm_config"),
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        # MLflow reads DO_NOT_TRACK only as "true"; without this it writes ~/.config/mlflow/telemetry.json.
+        "MLFLOW_DISABLE_TELEMETRY": "true",
         "NUMBA_CACHE_DIR": str(cache / "numba"),
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",

@@ -25,11 +25,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def klrl(*args: str, timeout: float = 420, **kwargs) -> subprocess.CompletedProcess:
+def fresh_shell_env(home: Path) -> dict[str, str]:
+    """A new user's shell: PATH, LANG and a fake empty HOME, nothing klrl-specific but KLRL_RUN_DIR
+    (so the cached tiny model is shared). klrl itself must set every cache variable it needs."""
+    return {"PATH": os.environ["PATH"], "LANG": os.environ.get("LANG", "C.UTF-8"), "HOME": str(home),
+            "KLRL_RUN_DIR": os.environ["KLRL_RUN_DIR"]}
+
+
+def klrl(*args: str, timeout: float = 420, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     """`klrl ARGS...` from the repository root, output captured; fails the test on timeout."""
     try:
         return subprocess.run([KLRL, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env=os.environ.copy(), **kwargs)
+                              env=env or os.environ.copy(), **kwargs)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"klrl {' '.join(args)} did not finish in {timeout}s; output tail:\n"
                     f"{(exc.stdout or b'')[-3000:]!r}\n{(exc.stderr or b'')[-3000:]!r}")

@@ -9,7 +9,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from e2e_helpers import KLRL, ROOT, SMOKE, free_port, klrl, trial_runs
+from e2e_helpers import KLRL, ROOT, SMOKE, free_port, fresh_shell_env, klrl, trial_runs
 
 SMOKE_TRIALS, SMOKE_STEPS = 2, 3
 
@@ -35,12 +35,16 @@ def assert_study_finished(run_dir, n_trials=SMOKE_TRIALS, steps=SMOKE_STEPS):
 def test_smoke_study_runs_end_to_end(short_run_dir):
     start = time.monotonic()
     storage = short_run_dir / "shared_storage"  # stands in for the NFS/S3 path a cluster would use
-    done = klrl("run", SMOKE, "--run-dir", str(short_run_dir), "--storage-path", str(storage))
+    home = short_run_dir / "home"
+    home.mkdir()
+    done = klrl("run", SMOKE, "--run-dir", str(short_run_dir), "--storage-path", str(storage),
+                env=fresh_shell_env(home))
     elapsed = time.monotonic() - start
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert_study_finished(short_run_dir)
     checkpoints = list((storage / "smoke").glob("trial_*/checkpoint_*/learner"))
     assert len(checkpoints) >= SMOKE_TRIALS and not (short_run_dir / "tune").exists()
+    assert sorted(p.relative_to(home) for p in home.rglob("*")) == []  # no cache or config in $HOME
     assert "klrl: 2/2 trial(s) finished" in done.stdout
     assert "klrl ui" in done.stdout and "report" in done.stdout
     print(f"smoke study wall time: {elapsed:.0f}s")
