@@ -91,7 +91,10 @@ def main() -> None:
     parser.add_argument("--analyse", metavar="RUN_DIR", help="only analyse a study already run in RUN_DIR")
     parser.add_argument("--json", help="append the result as one JSON line to this file")
     args = parser.parse_args()
-    os.environ.setdefault("KLRL_RUN_DIR", str(ROOT / "runs"))
+    sys.path.insert(0, str(ROOT))
+    from workers import environment
+
+    environment.configure(os.environ.get("KLRL_RUN_DIR") or ROOT / "runs")  # caches in runs/, not $HOME
     if args.analyse:
         run_dir, wall = Path(args.analyse).resolve(), None
     else:

@@ -143,6 +143,7 @@ def cmd_report(args) -> int:
     except Exception as exc:
         _err(str(exc))
         return EXIT_SPEC
+    _configure_env(run_dir, None)  # before MLflow and matplotlib write their caches (never into $HOME)
     out = Path(args.out).resolve() if args.out else run_dir / "report"
     return EXIT_OK if _write_report(name, uri, out, args.include_unfinished) else EXIT_TRIALS
 
@@ -153,6 +154,7 @@ def cmd_ui(args) -> int:
     except Exception as exc:
         _err(str(exc))
         return EXIT_SPEC
+    _configure_env(run_dir, None)  # the UI process inherits it: no MLflow telemetry file in $HOME
     if uri.startswith(("http://", "https://")):
         print(f"klrl: the study is tracked on a server already: open {uri}")
         return EXIT_OK

@@ -44,6 +44,8 @@ def test_smoke_study_runs_end_to_end(short_run_dir):
     assert_study_finished(short_run_dir)
     checkpoints = list((storage / "smoke").glob("trial_*/checkpoint_*/learner"))
     assert len(checkpoints) >= SMOKE_TRIALS and not (short_run_dir / "tune").exists()
+    report = klrl("report", str(short_run_dir), env=fresh_shell_env(home), timeout=120)
+    assert report.returncode == 0 and (short_run_dir / "report" / "report.md").is_file(), report.stderr[-2000:]
     assert sorted(p.relative_to(home) for p in home.rglob("*")) == []  # no cache or config in $HOME
     assert "klrl: 2/2 trial(s) finished" in done.stdout
     assert "klrl ui" in done.stdout and "report" in done.stdout
