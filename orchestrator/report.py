@@ -52,7 +52,16 @@ def arm_name(kl_mode: str, kl_estimator: str, extra: dict[str, str] | None = Non
     """A trial's arm: 'none' or '{kl_mode}/{kl_estimator}' (e.g. 'in_reward/k1'), then ' field=value'
     for each other setting that varies between the study's trials (e.g. 'in_loss/k3 kl_coef=0.1')."""
     base = "none" if kl_mode == "none" else f"{kl_mode}/{kl_estimator}"
-    return " ".join([base, *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted((extra or {}).items()))])
+    return " ".join([base, *(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in sorted((extra or {}).items()))])
+
+
+def _short(value: str) -> str:
+    """A sampled float as 4 significant digits (Optuna's 0.00703573702872215 -> 0.007036); else as is."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() or len(value) <= 6 else f"{number:.4g}"
 
 
 def _seed_order(seed: str) -> tuple[int, int | str]:
