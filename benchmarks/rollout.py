@@ -102,8 +102,8 @@ def run_size(args: argparse.Namespace, size: str) -> dict:
 
         from workers import environment
 
-        ray.init(num_cpus=args.threads, _temp_dir=str(run_dir / "ray"), include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(num_cpus=args.threads, _temp_dir=str(environment.ray_temp_dir(run_dir)),
+                 include_dashboard=False, log_to_driver=False)
         class TimedWorker(RolloutWorker):
             def cpu_seconds(self) -> float:  # the actor process's CPU time, all threads
                 return time.process_time()

@@ -78,10 +78,8 @@ def connect_ray(address: str | None, run_dir: Path):
     # <temp dir>/session_latest/logs, and KLRL_WORKER_LOGS=1 streams them to the terminal.
     worker_logs = os.environ.get("KLRL_WORKER_LOGS", "0") == "1"
     if address is None and "RAY_ADDRESS" not in os.environ:
-        temp_dir = run_dir / "ray"
-        if len(str(temp_dir)) > 60:  # unix socket paths under it must stay < 108 bytes
-            temp_dir = Path("/tmp") / f"klrl-ray-{abs(hash(str(run_dir))) % 10**8}"
-        return ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=str(temp_dir),
+        return ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+                        _temp_dir=str(environment.ray_temp_dir(run_dir)),
                         runtime_env=runtime_env, log_to_driver=worker_logs)
     try:
         return ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env,

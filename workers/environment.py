@@ -5,6 +5,7 @@ their environment. Only sets variables the user has not set, so a cluster's own 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -64,6 +65,35 @@ def configure(root: str | os.PathLike | None = None, cuda: bool | None = None) -
     # vLLM and DeepSpeed drop torch to one thread unless told otherwise.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1))))
     return root_path
+
+
+# Ray binds unix sockets at <temp dir>/session_<date>_<time>_<usec>_<pid>/sockets/<name>, and AF_UNIX
+# paths are capped at 107 bytes. With a 7-digit pid and the longest name (dash_TaskEventsHead, a
+# dashboard module's socket) the part after the temp dir is 71 bytes; a few more are kept in reserve.
+# Too long a temp dir fails loudly for the raylet but silently for `ray start`'s dashboard.
+RAY_TEMP_DIR_MAX_LEN = 32
+
+
+def ray_temp_link(root: str | os.PathLike) -> Path:
+    """The short /tmp path that stands for root/ray when root/ray is too long (see ray_temp_dir)."""
+    target = Path(root).resolve() / "ray"
+    return Path("/tmp") / f"klrl-ray-{hashlib.sha1(str(target).encode()).hexdigest()[:10]}"
+
+
+def ray_temp_dir(root: str | os.PathLike) -> Path:
+    """Ray's temp dir for a local cluster: root/ray, reached through a short /tmp symlink when that
+    path is too long for Ray's socket paths. The sessions and logs stay inside the run directory."""
+    target = Path(root).resolve() / "ray"
+    target.mkdir(parents=True, exist_ok=True)
+    if len(str(target)) <= RAY_TEMP_DIR_MAX_LEN:
+        return target
+    link = ray_temp_link(root)
+    if not (link.is_symlink() and link.resolve() == target):
+        staging = link.with_name(f"{link.name}.{os.getpid()}")
+        staging.unlink(missing_ok=True)
+        staging.symlink_to(target, target_is_directory=True)
+        staging.replace(link)  # atomic, so concurrent drivers never see a half-made link
+    return link
 
 
 def actor_env_vars() -> dict[str, str]:

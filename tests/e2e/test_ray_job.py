@@ -1,9 +1,10 @@
 """The cluster path: `ray start --head`, then `ray job submit --working-dir . -- klrl run smoke.yaml`.
 
 The head node gets free ports for everything it would otherwise bind to a fixed default (so it cannot
-clash with another Ray on this machine) and a temp dir inside the test's run dir. It is torn down by
-killing exactly the processes it started (found by that temp dir), not with `ray stop`, which would
-stop every Ray instance of this user on the machine.
+clash with another Ray on this machine) and a temp dir inside the test's run dir (reached through a
+short /tmp link when the path is too long for Ray's sockets). It is torn down by killing exactly the
+processes it started (found by that temp dir), not with `ray stop`, which would stop every Ray
+instance of this user on the machine.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from e2e_helpers import ROOT, SMOKE, free_port, trial_runs
+
+from workers import environment
 
 RAY = str(Path(sys.executable).with_name("ray"))
 JOB_TIMEOUT_S = 420
@@ -54,7 +57,7 @@ def kill_head(marker: str) -> None:
 
 
 def test_ray_job_submit_runs_the_smoke_study(short_run_dir):
-    temp_dir = short_run_dir / "ray"
+    temp_dir = environment.ray_temp_dir(short_run_dir)  # a short link when the checkout's path is long
     dash = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)

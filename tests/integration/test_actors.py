@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from core.config import Config, TinyModelConfig
+from workers import environment
 
 pytestmark = pytest.mark.timeout(600)  # bounded even on a loaded machine (idle: ~1 min)
 
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.timeout(600)  # bounded even on a loaded machine (idle:
 def ray_session(run_dir):
     import ray
 
-    ray.init(num_cpus=2, _temp_dir=str(run_dir / "ray"), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, _temp_dir=str(environment.ray_temp_dir(run_dir)), include_dashboard=False,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -15,6 +15,7 @@ import torch
 
 from core.config import Config, TinyModelConfig
 from core.types import RolloutBatch, TrainBatch
+from workers import environment
 
 pytestmark = pytest.mark.timeout(600)  # bounded even on a loaded machine (idle: ~1 min)
 
@@ -38,7 +39,8 @@ def model_dir(tmp_path_factory):
 def ray_session(run_dir):
     import ray
 
-    ray.init(num_cpus=2, _temp_dir=str(run_dir / "ray"), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, _temp_dir=str(environment.ray_temp_dir(run_dir)), include_dashboard=False,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 

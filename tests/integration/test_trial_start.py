@@ -6,6 +6,7 @@ import time
 import pytest
 
 from core.config import Config, TinyModelConfig
+from workers import environment
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.timeout(600)
 def ray_session(run_dir):
     import ray
 
-    ray.init(num_cpus=2, _temp_dir=str(run_dir / "ray"), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, _temp_dir=str(environment.ray_temp_dir(run_dir)), include_dashboard=False,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -13,6 +13,7 @@ import torch
 
 from core.config import Config, TinyModelConfig
 from core.types import TrainBatch
+from workers import environment
 
 pytestmark = pytest.mark.timeout(600)  # bounded even on a loaded machine (idle: ~1 min)
 
@@ -55,7 +56,8 @@ def run(run_dir, config, model_dir):
 
     from workers.actors import LearnerGroup, RolloutGroup, create_placement_group
 
-    ray.init(num_cpus=2, _temp_dir=str(run_dir / "ray"), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, _temp_dir=str(environment.ray_temp_dir(run_dir)), include_dashboard=False,
+             log_to_driver=False)
     pg = create_placement_group(config)
     learner, rollout = LearnerGroup(model_dir, config, pg), RolloutGroup(model_dir, config, pg)
     batch = rollout.generate(PROMPTS, N, seed=1)
