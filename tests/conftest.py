@@ -28,6 +28,15 @@ requires_cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()"
                                    reason="needs a CUDA device; this machine has none")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def remove_ray_temp_links():
+    """At the end of the session, the /tmp links (see environment.ray_temp_dir) into runs/test."""
+    yield
+    for link in Path("/tmp").glob("klrl-ray-*"):
+        if link.is_symlink() and os.readlink(link).startswith(str(TEST_RUN_DIR)):
+            link.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def run_dir() -> Path:
     """The shared test run directory (caches, tiny-model cache)."""

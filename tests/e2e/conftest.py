@@ -7,14 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from workers import environment
-
 
 @pytest.fixture()
 def short_run_dir(run_dir) -> Path:
-    """runs/test/e2e/<8 hex>: removed after the test, with the /tmp link to its Ray temp dir if any."""
+    """runs/test/e2e/<8 hex>: removed after the test."""
     path = Path(run_dir) / "e2e" / uuid.uuid4().hex[:8]
     path.mkdir(parents=True)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-    environment.ray_temp_link(path).unlink(missing_ok=True)
