@@ -11,19 +11,8 @@ import pytest
 import torch
 
 from core.config import Config, TinyModelConfig
-from workers import environment
 
 pytestmark = pytest.mark.timeout(600)  # bounded even on a loaded machine (idle: ~1 min)
-
-
-@pytest.fixture(scope="module")
-def ray_session(run_dir):
-    import ray
-
-    ray.init(num_cpus=2, _temp_dir=str(environment.ray_temp_dir(run_dir)), include_dashboard=False,
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import torch
 
 from core.config import Config, TinyModelConfig
 from core.types import RolloutBatch, TrainBatch
-from workers import environment
 
 pytestmark = pytest.mark.timeout(600)  # bounded even on a loaded machine (idle: ~1 min)
 
@@ -33,16 +32,6 @@ def model_dir(tmp_path_factory):
     from tasks.tiny_model import build_tiny_model
 
     return build_tiny_model(TinyModelConfig(num_layers=2, seed=7), tmp_path_factory.mktemp("tiny") / "policy")
-
-
-@pytest.fixture(scope="module")
-def ray_session(run_dir):
-    import ray
-
-    ray.init(num_cpus=2, _temp_dir=str(environment.ray_temp_dir(run_dir)), include_dashboard=False,
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def synthetic_train_batch(vocab: int, seed: int) -> TrainBatch:

@@ -13,7 +13,6 @@ import torch
 
 from core.config import Config, TinyModelConfig
 from core.types import TrainBatch
-from workers import environment
 
 pytestmark = pytest.mark.timeout(600)  # bounded even on a loaded machine (idle: ~1 min)
 
@@ -50,14 +49,10 @@ def gap(scores, batch) -> float:
 
 
 @pytest.fixture(scope="module")
-def run(run_dir, config, model_dir):
+def run(ray_session, config, model_dir):
     """rollout -> score -> update -> stale rollout -> sync -> fresh rollout, with everything measured."""
-    import ray
-
     from workers.actors import LearnerGroup, RolloutGroup, create_placement_group
 
-    ray.init(num_cpus=2, _temp_dir=str(environment.ray_temp_dir(run_dir)), include_dashboard=False,
-             log_to_driver=False)
     pg = create_placement_group(config)
     learner, rollout = LearnerGroup(model_dir, config, pg), RolloutGroup(model_dir, config, pg)
     batch = rollout.generate(PROMPTS, N, seed=1)
@@ -74,7 +69,6 @@ def run(run_dir, config, model_dir):
     fresh_scores = learner.score(fresh)
     learner.shutdown()
     rollout.shutdown()
-    ray.shutdown()
     gaps = {"initial": gap(before, batch), "stale": gap(stale_scores, stale), "synced": gap(fresh_scores, fresh)}
     print(f"\nlog-prob gap learner vs vLLM: {gaps}")
     return dict(batch=batch, before=before, after=after, sign=sign, metrics=metrics, gaps=gaps)
