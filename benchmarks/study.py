@@ -26,6 +26,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from workers import environment  # noqa: E402
+
 STAGES = ("rollout", "reward", "reference", "advantage", "update", "sync", "metrics")
 
 
@@ -91,10 +95,7 @@ def main() -> None:
     parser.add_argument("--analyse", metavar="RUN_DIR", help="only analyse a study already run in RUN_DIR")
     parser.add_argument("--json", help="append the result as one JSON line to this file")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from workers import environment
-
-    environment.configure(os.environ.get("KLRL_RUN_DIR") or ROOT / "runs")  # caches in runs/, not $HOME
+    environment.configure(environment.run_dir(ROOT / "runs"))  # caches in runs/, not $HOME
     if args.analyse:
         run_dir, wall = Path(args.analyse).resolve(), None
     else:
