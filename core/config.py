@@ -26,6 +26,7 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 TASKS = ("palindrome", "deepscaler")
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("gloo", "nccl")
+WEIGHT_SYNCS = ("object_store", "collective")
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,10 @@ class RolloutConfig:
     tensor_parallel_size: int = _doc("vLLM tensor parallel size (GPU only).", 1)
     enable_sleep_mode: bool = _doc("Let vLLM release GPU memory between rollouts (GPU only).", False)
     num_workers: int = _doc("Rollout actors per trial; prompts are split across them.", 1)
+    weight_sync: str = _doc(
+        f"How the learner's weights reach vLLM after each update: one of {WEIGHT_SYNCS} ('object_store': "
+        "through Ray's object store; 'collective': a process group between learner and engines).",
+        "object_store")
     cpus_per_worker: float = _doc("CPU bundle per rollout actor.", 1.0)
     gpus_per_worker: float = _doc("GPU bundle per rollout actor (0 on CPU machines).", 0.0)
 
@@ -146,9 +151,14 @@ class RunConfig:
 
     seed: int = _doc("Trial seed: sampling, prompt order, learner RNG.", 0)
     steps: int = _doc("RL steps per trial (>= 1).", 20)
-    eval_every: int = _doc("Evaluate pass@k on the eval split every this many steps (0 = never).", 0)
-    eval_n_samples: int = _doc("Samples per eval prompt for pass@k.", 8)
-    checkpoint_every: int = _doc("Checkpoint through Tune every this many steps (0 = never).", 0)
+    eval_every: int = _doc(
+        "Evaluate pass@k and answer coverage on the eval split every this many steps, at the last step and "
+        "at step 0 (pi_ref, computed once per study and seed, cached in the run dir); 0 = never.", 0)
+    eval_n_samples: int = _doc(
+        "Samples n per eval prompt: pass@k is logged for k = 1, 2, 4, ... up to n (and n itself).", 8)
+    checkpoint_every: int = _doc(
+        "Checkpoint every this many steps and at the last step; metrics reach MLflow at checkpoints "
+        "(exactly once, docs/DESIGN.md), so 0 (never) writes them at the end of the trial only.", 0)
     samples_every: int = _doc("Log a table of sample completions every this many steps (0 = never).", 5)
     diversity_every: int = _doc("Compute embedding diversity every this many steps (0 = never).", 1)
     run_dir: str = _doc("Where runs, caches, checkpoints and the MLflow store live.", "runs")
@@ -286,6 +296,7 @@ def validate(c: Config) -> None:
     _one_of(t.name, TASKS, "task.name")
     _one_of(c.model.dtype, DTYPES, "model.dtype")
     _one_of(lrn.backend, BACKENDS, "learner.backend")
+    _one_of(r.weight_sync, WEIGHT_SYNCS, "rollout.weight_sync")
     _check(a.kl_coef >= 0, "algorithm.kl_coef", f"must be >= 0, got {a.kl_coef}")
     _check(a.kl_clamp >= 0, "algorithm.kl_clamp", f"must be >= 0 (0 disables), got {a.kl_clamp}")
     _check(0 < a.clip_eps < 1, "algorithm.clip_eps", f"must be in (0, 1), got {a.clip_eps}")

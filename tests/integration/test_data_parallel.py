@@ -51,7 +51,8 @@ def synthetic_train_batch(vocab: int, seed: int) -> TrainBatch:
 @pytest.fixture(scope="module")
 def trained(ray_session, model_dir):
     """Run STEPS updates on two actors; return (per-rank weights, metrics, the batches used)."""
-    from workers.actors import LearnerGroup, create_placement_group
+    from workers.actors import LearnerGroup
+    from workers.engines import create_placement_group
 
     config = make_config()
     pg = create_placement_group(config, rollouts=False)
