@@ -18,7 +18,6 @@ from core.config import Config, TinyModelConfig
 
 pytestmark = pytest.mark.timeout(600)
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +57,13 @@ def test_learner_reset_is_exactly_a_fresh_learner(model_dir, zero_stage):
         learner.reset(config.replace(**{"learner.micro_batch_size": 2}))
 
 
-def smoke_config(arm: str, run_dir: Path, **dotted) -> Config:
-    from orchestrator.search_space import load_study
-
-    study = load_study(ROOT / "search_spaces" / "smoke.yaml")
-    overrides = {"run.run_dir": str(run_dir), "run.steps": 3, "run.eval_every": 3, "run.diversity_every": 0,
-                 "run.samples_every": 0, "run.checkpoint_every": 0}
-    return study.trial_config({"arms": arm}).replace(**{**overrides, **dotted})
+def small_config(run_dir: Path, **dotted) -> Config:
+    """The default study's policy and task at a few rows per step: a trial of 3 steps in seconds."""
+    base = {"run.run_dir": str(run_dir), "rollout.n_samples": 4, "task.prompts_per_step": 4,
+            "rollout.max_new_tokens": 10, "rollout.max_model_len": 128, "learner.micro_batch_size": 16,
+            "run.steps": 3, "run.eval_every": 3, "run.eval_n_samples": 4,
+            "run.diversity_every": 0, "run.samples_every": 0}
+    return Config().replace(**{**base, **dotted})
 
 
 def metric_history(engines, config: Config) -> dict[tuple[str, int], float]:
@@ -86,13 +85,14 @@ def metric_history(engines, config: Config) -> dict[tuple[str, int], float]:
             for step, value in points if not key.startswith(("time/", "perf/tokens_per_s"))}
 
 
-def test_a_trial_on_reused_engines_matches_one_on_fresh_engines(ray_session, run_dir, tmp_path):
-    from workers.engines import EnginePool, create_placement_group, model_folder
+def test_a_trial_on_reused_engines_matches_one_on_fresh_engines(ray_session, tiny_policy, tmp_path):
+    from workers.engines import EnginePool, create_placement_group
 
-    other = smoke_config("k3_in_loss", tmp_path / "a")
+    other = small_config(tmp_path / "a", **{"algorithm.kl_mode": "in_loss", "algorithm.kl_estimator": "k3"})
     # Another arm, seed, lr and temperature: everything a reset must apply, not keep.
-    trial = smoke_config("none", tmp_path / "b", **{"run.seed": 1, "learner.lr": 3e-4, "rollout.temperature": 0.9})
-    model = model_folder(other, run_dir)
+    trial = small_config(tmp_path / "b", **{"algorithm.kl_mode": "in_reward", "run.seed": 1, "learner.lr": 3e-4,
+                                           "rollout.temperature": 0.9})
+    model = tiny_policy
     pg = create_placement_group(other)
     pool = EnginePool()
     try:
@@ -109,7 +109,8 @@ def test_a_trial_on_reused_engines_matches_one_on_fresh_engines(ray_session, run
     finally:
         pool.discard()
         ray_session.util.remove_placement_group(pg)
-    assert {step for _, step in on_fresh} == {0, 1, 2, 3} and ("eval/pass_at_2", 3) in on_fresh
+    assert {step for _, step in on_fresh} == {0, 1, 2, 3} and ("eval/pass_at_4", 3) in on_fresh
+    assert on_fresh[("kl/exact_reverse", 3)] > 0 and on_fresh[("learner/grad_norm", 1)] > 0  # it did learn
     assert on_reused.keys() == on_fresh.keys()
     same = lambda a, b: a == b or (math.isnan(a) and math.isnan(b))  # noqa: E731
     differing = {k: (on_reused[k], v) for k, v in on_fresh.items() if not same(on_reused[k], v)}

@@ -5,8 +5,8 @@ One small study, two trials, one after the other on 2 CPUs:
   complete; Tune retries it, it resumes from its newest complete checkpoint on fresh engines, and its
   MLflow history holds each (metric, step) exactly once, every step present, one `time/startup_s` per
   start.
-- `blowup`: its policy is pushed to infinity (an lr of 1e30), so its numbers go non-finite; it fails at
-  that step naming the metric, FAILED with `klrl.failure` in MLflow, and Tune does not retry it. It runs
+- `blowup`: an lr of 1e30 sends its policy's weights to ~1e30 and its step-2 log-probs to NaN; it fails
+  at that step naming the metric, FAILED with `klrl.failure` in MLflow, and Tune does not retry it. It runs
   on the engines the first trial's retry left (reused across arms).
 This module starts and stops its own Ray (through `launch.run_study`), so it takes no `ray_session`.
 """
@@ -25,20 +25,22 @@ import yaml
 
 pytestmark = pytest.mark.timeout(600)
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
 
 
 def fault_study(folder: Path):
+    """The default study's tiny policy (it learns: non-zero advantages) at a few rows per step."""
     from orchestrator.search_space import load_study
 
-    study = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
-    study["name"] = "faults"
-    study["base"]["run"].update(steps=STEPS, checkpoint_every=2, eval_every=4, samples_every=4, diversity_every=0)
-    study["grid"] = {"arms": [{"name": "none", "algorithm.kl_mode": "none"},
-                              {"name": "blowup", "algorithm.kl_mode": "none", "learner.lr": 1.0e30}]}
+    base = {"model": {"path": "tiny"}, "rollout": {"n_samples": 4, "max_new_tokens": 10, "max_model_len": 128},
+            "learner": {"micro_batch_size": 16}, "task": {"prompts_per_step": 4},
+            "run": {"steps": STEPS, "checkpoint_every": 2, "eval_every": 4, "eval_n_samples": 2, "samples_every": 4,
+                    "diversity_every": 0}}
+    arms = [{"name": "none", "algorithm.kl_mode": "none"},
+            {"name": "blowup", "algorithm.kl_mode": "none", "learner.lr": 1.0e30}]  # NaN at step 2
     path = folder / "faults.yaml"
-    path.write_text(yaml.safe_dump(study))
+    path.write_text(yaml.safe_dump({"name": "faults", "base": base, "grid": {"arms": arms},
+                                    "tune": {"max_failures": 1}}))
     return load_study(path)
 
 
@@ -68,7 +70,7 @@ def num_failures(storage: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def study_run(run_dir):
+def study_run(run_dir, tiny_policy):
     from mlflow import MlflowClient
 
     from orchestrator import launch
