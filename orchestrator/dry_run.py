@@ -19,7 +19,8 @@ from pathlib import Path
 from orchestrator.launch import check_cluster_gpus, connect_ray
 from orchestrator.search_space import Study
 
-PG_TIMEOUT_S = 600.0  # an autoscaler may have to launch the GPU nodes first
+# An autoscaler may first have to launch a GPU node and run its setup (the CUDA stack, the pre-fetch).
+PG_TIMEOUT_S = 1800.0
 
 
 def distinct_trial_shapes(study: Study) -> list:
@@ -51,7 +52,8 @@ def probe_shape(config, log=print, timeout_s: float = PG_TIMEOUT_S) -> list[str]
     from workers.actors import bundles_for, probe_devices
 
     factory = tune.PlacementGroupFactory(bundles_for(config))
-    log(f"klrl: placement group {factory.bundles} ({factory.strategy})")
+    log(f"klrl: placement group {factory.bundles} ({factory.strategy}); waiting up to {timeout_s:.0f} s "
+        "(an autoscaler may first launch and set up a node)")
     started = time.monotonic()
     pg = factory.to_placement_group()
     problems: list[str] = []

@@ -121,7 +121,7 @@ class ActorDevice:
             raise RuntimeError(f"this actor was given {self.gpus:g} GPU(s) but torch {torch.__version__} sees no "
                                f"CUDA device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
                                "install klrl with its gpu extra on every GPU node (docs/GPU.md)")
-        if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        if dtype == "bfloat16" and not torch.cuda.is_bf16_supported(including_emulation=False):
             raise ValueError(f"model.dtype: 'bfloat16' needs a GPU of compute capability >= 8.0 (A100, L40S, "
                              f"H100); this actor has {torch.cuda.get_device_name()}; use 'float32'")
 

@@ -59,7 +59,7 @@ def test_seed_study_places_cuda_actors_on_logical_gpus(gpu_head):
     result = klrl("validate", SEED, *SHRINK, "--placement", "--address", address, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = result.stdout
-    assert "placement group [{'CPU': 1.0, 'GPU': 1.0}, {'CPU': 1.0, 'GPU': 1.0}] (PACK)" in out
+    assert "placement group [{'CPU': 1.0, 'GPU': 1.0}, {'CPU': 1.0, 'GPU': 1.0}] (PACK);" in out
     actors = actor_lines(out)
     assert set(actors) == {"learner 0", "rollout 0"}, out
     for name, fields in actors.items():
