@@ -85,6 +85,9 @@ def cmd_run(args) -> int:
         study = launch.prepare_run_dir(study, run_dir, args.resume)
         outcome = launch.run_study(study, run_dir, address=args.address, tracking_uri=args.tracking_uri,
                                    resume=args.resume, storage_path=args.storage_path)
+    except SpecError as exc:  # --resume rereads the recorded study.yaml, which may predate a newer check
+        _err(str(exc))
+        return EXIT_SPEC
     except (launch.LaunchError, TrackingError) as exc:
         _err(str(exc))
         return EXIT_LAUNCH
@@ -148,11 +151,11 @@ def _locate(study_arg: str | None, tracking_uri: str | None) -> tuple[str, str, 
         run_dir, name = default_run_dir(study.name, None), study.name
         name = study.base.get("tracking", {}).get("experiment") or name
     elif study_arg and (path / "study.yaml").is_file():
-        from orchestrator.search_space import load_study
+        from orchestrator.config_io import load_yaml
 
-        run_dir = path.resolve()
-        study = load_study(run_dir / "study.yaml")
-        name = study.base.get("tracking", {}).get("experiment") or study.name
+        # The record of a study already run: only its names are needed, and it may predate a newer check.
+        run_dir, raw = path.resolve(), load_yaml(path / "study.yaml")
+        name = (raw.get("base") or {}).get("tracking", {}).get("experiment") or raw["name"]
     elif study_arg:
         run_dir, name = default_run_dir(study_arg, None), study_arg
     else:

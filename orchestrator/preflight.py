@@ -209,7 +209,7 @@ def _check_host_memory(config: Config, machine: Machine) -> None:
                       f"the warm-start set ({config.model.tiny.sft_examples:,} examples)"))
     for field, need, what in needs:
         if need > machine.memory_bytes:
-            raise ConfigError(f"{field}: {what} needs ~{need / GIB:,.1f} GiB of host memory, more than this "
+            raise ConfigError(f"{field}: {what} would take ~{need / GIB:,.1f} GiB of host memory, more than this "
                               f"machine's {machine.memory_bytes / GIB:,.1f} GiB")
 
 

@@ -160,7 +160,8 @@ def parse_study(raw: dict, path: str, overrides: Iterable[str] = ()) -> Study:
     if not isinstance(base, dict):
         fail("base", f"expected a mapping, got {type(base).__name__}")
     config_from_dict(base, f"{path}: base")
-    _check_tracking_uri(base, lambda message: fail("base", f"tracking.tracking_uri: {message}"))
+    if _tracking_uri_problem(base):
+        fail("base", _tracking_uri_problem(base))
     axes = tuple(_parse_axis(axis_name, values, fail) for axis_name, values in _grid(raw, fail).items())
     optuna = _parse_optuna(raw.get("optuna"), fail) if raw.get("optuna") is not None else None
     study = Study(name=name, path=path, base=base, axes=axes, optuna=optuna, tune=_parse_tune(raw, fail),
@@ -175,34 +176,31 @@ def parse_study(raw: dict, path: str, overrides: Iterable[str] = ()) -> Study:
 
 def _with_overrides(study: Study, overrides: list[str]) -> Study:
     """The study with `--set` applied to its base; the file is valid, so every error here names `--set`."""
+    def fail(where: str | None, message: str):  # message: 'field: why'
+        raise SpecError(f"{set_source(overrides, error_field(message))}: {where + ': ' if where else ''}{message}")
+
     base = apply_overrides(study.base, overrides)
     for text in overrides:
         key = text.partition("=")[0].strip()
-        setter = _setter_of(study, key)
-        if setter:
-            raise SpecError(f"--set {text}: {key}: set by {setter} in every trial, which would silently override "
-                            f"--set; change it in the study file instead")
+        if _setter_of(study, key):
+            fail(None, f"{key}: set by {_setter_of(study, key)} in every trial, which would silently override "
+                       "--set; change it in the study file instead")
     try:
         Config.from_dict(base)
     except ConfigError as exc:
-        raise SpecError(f"{set_source(overrides, error_field(exc))}: {exc}") from None
-    _check_tracking_uri(base, lambda message: _raise(f"{set_source(overrides, 'tracking.tracking_uri')}: "
-                                                     f"tracking.tracking_uri: {message}"))
+        fail(None, str(exc))
+    if _tracking_uri_problem(base):
+        fail(None, _tracking_uri_problem(base))
     new = dataclasses.replace(study, base=base, overrides=tuple(overrides), file_base=study.base)
-    _validate_trials(new, lambda where, message: _raise(f"{set_source(overrides, error_field(message))}: "
-                                                         f"{where}: {message}"))
+    _validate_trials(new, fail)
     return new
 
 
-def _raise(message: str):
-    raise SpecError(message)
-
-
-def _check_tracking_uri(base: dict, fail) -> None:
+def _tracking_uri_problem(base: dict) -> str | None:
+    """'tracking.tracking_uri: why' when the base names a tracking URI klrl cannot use."""
     uri = (base.get("tracking") or {}).get("tracking_uri") or ""
     reason = unsupported_uri(uri) if uri else None
-    if reason:
-        fail(reason)
+    return f"tracking.tracking_uri: {reason}" if reason else None
 
 
 def _setter_of(study: Study, key: str) -> str | None:
