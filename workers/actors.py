@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from core.config import Config
 from core.types import RolloutBatch, TokenScores, TrainBatch
 from tasks.policy import check_model_folder
-from workers import environment
+from workers import device, environment
 from workers.learner import SUMMED_METRICS, LearnerWorker, check_same_vocab, free_port
 from workers.rollout import RolloutWorker
 
@@ -35,14 +35,12 @@ PORT_ATTEMPTS = 3
 
 
 def actor_options(pg: PlacementGroup, bundle: int, cpus: float, gpus: float) -> dict:
-    """Ray options of an actor given `cpus` and `gpus` in bundle `bundle` of `pg`: its scheduling and the
-    runtime_env built from those resources (never from this process's environment)."""
+    """Ray options of an actor in bundle `bundle` of pg: its resources, and the runtime_env that
+    workers/device.py derives from those resources (never from this driver's machine)."""
     return dict(num_cpus=cpus, num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
                                                                      placement_group_bundle_index=bundle),
-                # One math thread per reserved CPU: the driver's OMP_NUM_THREADS (all cores) in every
-                # actor oversubscribes the node, and spinning OpenMP threads then slow all of them.
-                runtime_env={"env_vars": {**environment.actor_env_vars(), "OMP_NUM_THREADS": str(max(1, int(cpus)))}})
+                runtime_env=device.runtime_env(cpus, gpus, environment.actor_env_vars()))
 
 
 def _placed(remote, pg: PlacementGroup, bundle: int, cpus: float, gpus: float):
@@ -262,3 +260,31 @@ def weight_sync(config: Config):
         raise ValueError(f"rollout.weight_sync: {name!r} is not available in this build (workers/"
                          f"weight_sync.py adds the process-group path); available: {sorted(WEIGHT_SYNCS)}")
     return WEIGHT_SYNCS[name]
+
+
+class DeviceProbe:
+    """Stands where a learner or rollout actor would, with the same Ray options, and reports the device
+    it was given as the engines would see it (after `enter`, as they do): no engine, model or CUDA call."""
+
+    def describe(self, backend: str) -> dict:
+        device.this_actor().enter()
+        return device.describe(backend)
+
+
+def probe_devices(config: Config, pg: PlacementGroup,
+                  timeout_s: float = START_TIMEOUT_S) -> list[tuple[str, int, dict]]:
+    """(role, index, report) for a probe in every learner and rollout bundle of pg (bundles_for's layout:
+    learner r in bundle r, rollout i after the learners), each started with the options the real actor
+    would get; the probes are gone when this returns."""
+    lc, rc = config.learner, config.rollout
+    slots = ([("learner", r, r, lc) for r in range(lc.num_workers)]
+             + [("rollout", i, lc.num_workers + i, rc) for i in range(rc.num_workers)])
+    probe = ray.remote(DeviceProbe)
+    actors = [_placed(probe, pg, bundle, section.cpus_per_worker, section.gpus_per_worker).remote()
+              for _, _, bundle, section in slots]
+    try:
+        reports = _get_failfast([a.describe.remote(lc.backend) for a in actors], "device probe", timeout_s)
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+    return [(role, index, report) for (role, index, _, _), report in zip(slots, reports)]

@@ -88,7 +88,8 @@ def metric_history(engines, config: Config) -> dict[tuple[str, int], float]:
 def test_a_trial_on_reused_engines_matches_one_on_fresh_engines(ray_session, tiny_policy, tmp_path):
     from workers.engines import EnginePool, create_placement_group
 
-    other = small_config(tmp_path / "a", **{"algorithm.kl_mode": "in_loss", "algorithm.kl_estimator": "k3"})
+    other = small_config(tmp_path / "a", **{"algorithm.kl_mode": "in_loss", "algorithm.kl_estimator": "k3",
+                                           "algorithm.kl_clamp": 10.0})
     # Another arm, seed, lr and temperature: everything a reset must apply, not keep.
     trial = small_config(tmp_path / "b", **{"algorithm.kl_mode": "in_reward", "run.seed": 1, "learner.lr": 3e-4,
                                            "rollout.temperature": 0.9})
