@@ -45,6 +45,8 @@ def verdict(c: Comparison, underpowered: bool) -> str:
 
 
 def comparison_rows(r) -> list[str]:
+    if all(c.n < 2 for comps in r.comparisons.values() for c in comps):
+        return ["No paired comparison: no two arms share two or more seeds."]
     rows = ["| metric | comparison (arm − ref) | paired seeds | mean difference [95% CI] | d_z | t-test p (Holm) "
             "| sign-flip p (Holm) | verdict | seeds for 80% power |", "|---|---|---|---|---|---|---|---|---|"]
     for col, key in r.columns:

@@ -238,7 +238,7 @@ def test_one_seed_per_arm_says_no_ci_and_underpowered(store, tmp_path):
     text = write_report("one_seed", uri, tmp_path / "out").read_text()
     assert cells(row(text, "none", "| 0 |"))[2] == "0.8 (n=1, no CI)"
     assert "**Underpowered: fewer than 3 seeds per arm" in text
-    assert "— (fewer than 3 seeds)" in text and "p=" not in text
+    assert "No paired comparison: no two arms share two or more seeds." in text and "p=" not in text
     assert "## Unfinished or missing trials\n\nNone." in text  # a 3 arms x 1 seed grid is full
 
 
