@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from orchestrator import plots
-from orchestrator.report import FINAL_WINDOW, Trial, write_report
+from orchestrator.report import write_report
+from orchestrator.study_runs import FINAL_WINDOW, Trial
 from orchestrator.stats import mean_ci
 
 ARMS = {"none": ("none", "k1"), "in_reward/k1": ("in_reward", "k1"), "in_loss/k3": ("in_loss", "k3")}
@@ -138,7 +139,7 @@ def test_paired_comparisons_and_verdicts(synthetic):
     acc = {cells(line)[1]: cells(line) for line in text.splitlines() if line.startswith("| final accuracy (")}
     assert set(acc) == {"in_reward/k1 − none", "in_loss/k3 − none", "in_reward/k1 − in_loss/k3"}
     k1 = acc["in_reward/k1 − none"]  # d = -0.40, -0.38, -0.40: t = -59, p = 0.0003
-    assert k1[2] == "3" and k1[3].startswith("-0.393 [") and k1[7].startswith("**in_reward/k1 lower than none** (p=")
+    assert k1[2] == "3" and k1[3].startswith("-0.393 [") and k1[7] == "**in_reward/k1 lower than none** (p<0.001)"
     assert acc["in_loss/k3 − none"][7].startswith("**in_loss/k3 lower than none**")  # d = -0.4 on every seed
     assert acc["in_reward/k1 − in_loss/k3"][7] == "not significant"  # d = 0, 0.02, 0: t = 1, p = 0.42
     entropy = row(text, "entropy (nats/token) (`entropy/token_mean`)", "in_reward/k1 − none")
@@ -245,7 +246,7 @@ def test_one_seed_per_arm_says_no_ci_and_underpowered(store, tmp_path):
 def test_arm_is_derived_from_kl_settings_and_varying_axes():
     from types import SimpleNamespace
 
-    from orchestrator.report import _suffix_axes, arm_name
+    from orchestrator.study_runs import _suffix_axes, arm_name
 
     assert [arm_name("none", "k3"), arm_name("in_reward", "k1"), arm_name("in_loss", "k3", {"a.kl_coef": "0.1"})] \
         == ["none", "in_reward/k1", "in_loss/k3 kl_coef=0.1"]
@@ -315,7 +316,8 @@ def test_report_through_an_mlflow_server(mlflow_server, tmp_path):
     client = MlflowClient(tracking_uri=mlflow_server)
     parent = make_study(client, "served", None, skip={("in_loss/k3", 1)})
     text = write_report("served", mlflow_server, tmp_path).read_text()
-    assert "in_reward/k1 lower than none" in text and "palindrome / in_loss/k3 / seed 1: no run" in text
+    assert "palindrome / in_loss/k3 / seed 1: no run" in text
+    assert "| none | 0, 1, 2 | 0.85 ± 0.124 (n=3) |" in text and "**Underpowered" in text  # in_loss/k3 has 2 seeds
     assert "report/report.md" in {a.path for a in client.list_artifacts(parent, "report")}
 
 
