@@ -201,7 +201,8 @@ def paired_power(dz, n, alpha: float = ALPHA):
     df = n - 1
     crit = sps.t.ppf(1 - alpha / 2, df)
     nc = np.abs(dz) * np.sqrt(n)
-    power = sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc)
+    # P(T < -crit) as P(T' > crit) for T' ~ nct(df, -nc): scipy's nct.cdf(-crit, df, nc) is NaN far in the tail
+    power = sps.nct.sf(crit, df, nc) + sps.nct.sf(crit, df, -nc)
     power = np.where(np.isinf(dz), 1.0, power)
     return float(power) if power.ndim == 0 else power
 

@@ -115,6 +115,11 @@ def test_power_matches_published_values():
     assert seeds_for_power(1.0, alpha=0.05 / 3) == 14  # Holm's first level with 3 comparisons
     assert seeds_for_power(0.0) is None and seeds_for_power(0.01) is None  # > 1000 seeds
     assert seeds_for_power(math.inf) == 2 and seeds_for_power(float("nan")) is None
+    # large effects: finite and rising in n (scipy's nct lower tail is NaN there; see paired_power)
+    for dz in (3.0, 5.5, 7.1, 11.0):
+        power = paired_power(dz, np.arange(2, 40))
+        assert np.isfinite(power).all() and (np.diff(power) >= -1e-12).all()
+    assert seeds_for_power(5.5) == 3 and paired_power(5.5, 2) < 0.8 < paired_power(5.5, 3)
 
 
 # --- the decision rule, simulated ------------------------------------------------------------------------
