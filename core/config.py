@@ -25,7 +25,12 @@ ADVANTAGE_ESTIMATORS = ("rloo", "grpo", "reinforce")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 TASKS = ("palindrome", "deepscaler")
 DTYPES = ("float32", "bfloat16")
-BACKENDS = ("gloo", "nccl")
+BACKENDS = ("auto", "gloo", "nccl")
+# Keys klrl once had, with why they went: an old study file that sets one is told so by name.
+REMOVED_KEYS = {
+    "rollout.enable_sleep_mode": "removed: a learner and a rollout engine never share a GPU in klrl, so "
+                                 "vLLM's sleep mode would free memory nobody uses (docs/GPU.md); delete the key",
+}
 
 
 class ConfigError(ValueError):
@@ -79,7 +84,6 @@ class RolloutConfig:
     kv_cache_space_gib: int = _doc("VLLM_CPU_KVCACHE_SPACE on CPU, in GiB.", 1)
     gpu_memory_utilization: float = _doc("vLLM GPU memory fraction (GPU only), in (0, 1].", 0.5)
     tensor_parallel_size: int = _doc("vLLM tensor parallel size (GPU only).", 1)
-    enable_sleep_mode: bool = _doc("Let vLLM release GPU memory between rollouts (GPU only).", False)
     num_workers: int = _doc("Rollout actors per trial; prompts are split across them.", 1)
     cpus_per_worker: float = _doc("CPU bundle per rollout actor.", 1.0)
     gpus_per_worker: float = _doc("GPU bundle per rollout actor (0 on CPU machines).", 0.0)
@@ -97,7 +101,9 @@ class LearnerConfig:
     micro_batch_size: int = _doc("Sequences per forward/backward on one learner.", 16)
     ppo_epochs: int = _doc("Passes over each rollout batch.", 1)
     mini_batches: int = _doc("Optimizer steps per PPO epoch (the batch is split into this many).", 1)
-    backend: str = _doc(f"torch.distributed backend: one of {BACKENDS}.", "gloo")
+    backend: str = _doc(f"torch.distributed backend, one of {BACKENDS}: 'auto' = nccl on learners with GPUs, "
+                        "gloo on CPU learners (derived from gpus_per_worker, not from the driver's machine).",
+                        "auto")
     kl_chunk_size: int = _doc("Tokens per chunk when computing full-vocabulary KL (bounds memory).", 4096)
     cpus_per_worker: float = _doc("CPU bundle per learner actor.", 1.0)
     gpus_per_worker: float = _doc("GPU bundle per learner actor (0 on CPU machines).", 0.0)
@@ -233,6 +239,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
+    for key in unknown:
+        if f"{prefix}{key}" in REMOVED_KEYS:
+            raise ConfigError(f"{prefix}{key}: {REMOVED_KEYS[prefix + key]}")
     if unknown:
         where = prefix.rstrip(".") or "config"
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key in '{where}'; allowed keys: {sorted(known)}")

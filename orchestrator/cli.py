@@ -3,6 +3,7 @@
     klrl run SPACE.yaml [--set key=value ...] [--address auto|HOST:PORT|ray://HOST:PORT]
                         [--tracking-uri URI] [--storage-path URI] [--resume] [--run-dir DIR]
     klrl validate SPACE.yaml [--set key=value ...]    # check a study file, list its trials, run nothing
+                  [--placement [--address ...]]       # + place a trial on Ray and probe its actors' devices
     klrl report STUDY [--out DIR] [--include-unfinished] # STUDY: a run dir, a study file or a study name
     klrl ui [STUDY] [--port 5000]                        # MLflow UI on 127.0.0.1 over the study's store
     klrl config --explain                                # every config field with its docstring
@@ -108,6 +109,28 @@ def cmd_validate(args) -> int:
     if study.optuna:
         print(f"  Optuna: {study.optuna['num_samples']} samples of {sorted(study.optuna['params'])}, "
               f"{study.optuna['mode']} {study.optuna['metric']}")
+    return _placement_dry_run(study, args) if args.placement else EXIT_OK
+
+
+def _placement_dry_run(study, args) -> int:
+    """`validate --placement`: orchestrator/dry_run.py on the cluster a `klrl run` would use."""
+    run_dir = default_run_dir(study.name, args.run_dir)
+    _configure_env(run_dir, args.run_dir)
+    from orchestrator import launch
+    from orchestrator.dry_run import placement_dry_run
+
+    try:
+        launch.check_ray_address(args.address)
+        problems = placement_dry_run(study, run_dir, args.address)
+    except launch.LaunchError as exc:
+        _err(str(exc))
+        return EXIT_LAUNCH
+    for problem in problems:
+        _err(problem)
+    if problems:
+        _err(f"placement dry run: {len(problems)} problem(s); no trial would start as configured")
+        return EXIT_LAUNCH
+    print("klrl: placement dry run passed: every actor would start on the device it was given (no model loaded)")
     return EXIT_OK
 
 
@@ -207,6 +230,11 @@ def parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="validate a study file and list its trials")
     val.add_argument("space")
     val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    val.add_argument("--placement", action="store_true",
+                     help="also create a trial's placement group on Ray and start a probe actor in each bundle "
+                          "with the real actors' options; reports every actor's device; loads no model")
+    val.add_argument("--address", default=None, help="Ray cluster for --placement (default: start a local Ray)")
+    val.add_argument("--run-dir", default=None, help="for --placement with a local Ray: its temp dir's home")
     val.set_defaults(func=cmd_validate)
     rep = sub.add_parser("report", help="write report.md, summary.csv and plots for a study")
     rep.add_argument("study", help="run dir, study file or study name")

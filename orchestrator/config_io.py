@@ -2,7 +2,7 @@
 
 `core.config` stays stdlib-only; this module is the one place that reads YAML. Override values are
 parsed as YAML scalars (YAML 1.2 floats), so `--set algorithm.kl_coef=1e-2` is a float, `run.seed=3` an int,
-`rollout.enable_sleep_mode=true` a bool and `task.data_path=data/x.jsonl` a string.
+`algorithm.kl_importance_correction=true` a bool and `task.data_path=data/x.jsonl` a string.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from orchestrator.config_io import SpecError, apply_overrides, load_config, load
 @pytest.mark.parametrize("text, key, value", [
     ("algorithm.kl_coef=1e-2", "algorithm.kl_coef", 0.01),
     ("run.seed=3", "run.seed", 3),
-    ("rollout.enable_sleep_mode=true", "rollout.enable_sleep_mode", True),
+    ("algorithm.kl_importance_correction=true", "algorithm.kl_importance_correction", True),
     ("task.data_path=data/x.jsonl", "task.data_path", "data/x.jsonl"),
     ("task.instruction=a=b", "task.instruction", "a=b"),
     ("task.instruction=", "task.instruction", ""),

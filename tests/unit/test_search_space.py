@@ -8,6 +8,7 @@ import yaml
 
 from orchestrator.config_io import SpecError
 from orchestrator.search_space import load_study
+from workers.device import actor_device
 
 SPACES = sorted((Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml"))
 ARMS = [{"algorithm.kl_mode": "none"},
@@ -48,7 +49,8 @@ def test_seed_studies_hold_the_three_arms_on_gpus():
         if stem.startswith("seed_"):
             cfg = study.trial_config(study.grid()[0])
             assert cfg.learner.gpus_per_worker >= 1 and cfg.rollout.gpus_per_worker >= 1
-            assert (cfg.learner.backend, cfg.model.dtype) == ("nccl", "bfloat16")
+            learner = actor_device(cfg.learner.cpus_per_worker, cfg.learner.gpus_per_worker)
+            assert (learner.dist_backend(cfg.learner.backend), cfg.model.dtype) == ("nccl", "bfloat16")
             assert "DeepSeek-R1-Distill-Qwen-1.5B" in cfg.model.path
 
 
