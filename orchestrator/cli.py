@@ -29,6 +29,20 @@ def _err(message: str) -> None:
     print(f"klrl: error: {message}", file=sys.stderr)
 
 
+def _warn(message: str) -> None:
+    print(f"klrl: warning: {message}", file=sys.stderr)
+
+
+def _load_checked(space: str, overrides: list[str]):
+    """(study, warnings): the study file and its overrides validated, then checked against the model and
+    this machine (orchestrator/preflight.py); raises SpecError naming the file or `--set` and the field."""
+    from orchestrator.preflight import check_study
+    from orchestrator.search_space import load_study
+
+    study = load_study(space, overrides)
+    return study, study.warnings + check_study(study)
+
+
 def default_run_dir(study_name: str, given: str | None) -> Path:
     if given:
         return Path(given).resolve()
@@ -45,15 +59,25 @@ def _configure_env(run_dir: Path, given: str | None) -> None:
 def cmd_run(args) -> int:
     from orchestrator.config_io import SpecError
     from orchestrator.search_space import load_study
+    from orchestrator.tracking import unsupported_uri
 
+    if args.tracking_uri and unsupported_uri(args.tracking_uri):
+        _err(f"--tracking-uri: {unsupported_uri(args.tracking_uri)}")
+        return EXIT_SPEC
     try:
-        study = load_study(args.space, args.set)
+        overrides = args.set
+        if args.resume and args.set:
+            record = default_run_dir(load_study(args.space).name, args.run_dir) / "study.yaml"
+            if record.exists():
+                _warn(f"--set is ignored with --resume: the study continues as recorded in {record}")
+                overrides = []
+        study, warnings = _load_checked(args.space, overrides)
     except SpecError as exc:
         _err(str(exc))
         return EXIT_SPEC
+    for warning in warnings:
+        _warn(warning)
     run_dir = default_run_dir(study.name, args.run_dir)
-    if args.resume and args.set and (run_dir / "study.yaml").exists():
-        _err(f"warning: --set is ignored with --resume: the study continues as recorded in {run_dir}/study.yaml")
     _configure_env(run_dir, args.run_dir)
     from orchestrator import launch
     from orchestrator.tracking import TrackingError
@@ -62,6 +86,9 @@ def cmd_run(args) -> int:
         study = launch.prepare_run_dir(study, run_dir, args.resume)
         outcome = launch.run_study(study, run_dir, address=args.address, tracking_uri=args.tracking_uri,
                                    resume=args.resume, storage_path=args.storage_path)
+    except SpecError as exc:  # --resume rereads the recorded study.yaml, which may predate a newer check
+        _err(str(exc))
+        return EXIT_SPEC
     except (launch.LaunchError, TrackingError) as exc:
         _err(str(exc))
         return EXIT_LAUNCH
@@ -93,13 +120,14 @@ def _write_report(experiment: str, uri: str, out_dir: Path, include_unfinished: 
 
 def cmd_validate(args) -> int:
     from orchestrator.config_io import SpecError
-    from orchestrator.search_space import load_study
 
     try:
-        study = load_study(args.space, args.set)
+        study, warnings = _load_checked(args.space, args.set)
     except SpecError as exc:
         _err(str(exc))
         return EXIT_SPEC
+    for warning in warnings:
+        _warn(warning)
     print(f"{study.path}: study {study.name!r} is valid: {study.num_trials()} trial(s)")
     for labels in study.grid():
         cfg = study.trial_config(labels)
@@ -146,11 +174,11 @@ def _locate(study_arg: str | None, tracking_uri: str | None) -> tuple[str, str, 
         run_dir, name = default_run_dir(study.name, None), study.name
         name = study.base.get("tracking", {}).get("experiment") or name
     elif study_arg and (path / "study.yaml").is_file():
-        from orchestrator.search_space import load_study
+        from orchestrator.config_io import load_yaml
 
-        run_dir = path.resolve()
-        study = load_study(run_dir / "study.yaml")
-        name = study.base.get("tracking", {}).get("experiment") or study.name
+        # The record of a study already run: only its names are needed, and it may predate a newer check.
+        run_dir, raw = path.resolve(), load_yaml(path / "study.yaml")
+        name = (raw.get("base") or {}).get("tracking", {}).get("experiment") or raw["name"]
     elif study_arg:
         run_dir, name = default_run_dir(study_arg, None), study_arg
     else:

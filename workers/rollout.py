@@ -20,6 +20,7 @@ the repacking.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class RolloutWorker:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model folder {str(path)!r} does not exist or has no config.json "
                                     "(expected a Hugging Face causal-LM folder)")
+        check_model_len(path, rollout)  # the driver could not, if the model was not on its machine
         self.rollout = rollout
         self._rng = np.random.default_rng(seed)
         # The device is the one this actor was given (workers/device.py), never the driver's.
@@ -82,6 +84,10 @@ class RolloutWorker:
             raise ValueError(f"generate needs at least one prompt and n >= 1, got {len(prompts)} prompts, n={n}")
         params = self.sampling_params(len(prompts), n, seed, temperature, max_new_tokens, ignore_eos)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        longest = max(len(o.prompt_token_ids) for o in outputs)
+        if longest + params[0].max_tokens > self.rollout.max_model_len:  # vLLM silently cut responses short
+            raise ValueError(f"rollout.max_model_len: a prompt of {longest} tokens plus rollout.max_new_tokens "
+                             f"({params[0].max_tokens}) exceeds rollout.max_model_len ({self.rollout.max_model_len})")
         return self.to_batch(prompts, outputs, n)
 
     def sampling_params(self, n_prompts: int, n: int, seed: int | None = None, temperature: float | None = None,
@@ -147,3 +153,11 @@ class RolloutWorker:
         """
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
         self.llm.reset_prefix_cache()
+
+
+def check_model_len(path: Path, rollout: RolloutConfig) -> None:
+    """rollout.max_model_len within the model's max_position_embeddings (vLLM's own error names neither)."""
+    limit = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
+    if isinstance(limit, int) and rollout.max_model_len > limit:
+        raise ValueError(f"rollout.max_model_len: {rollout.max_model_len} exceeds the model's "
+                         f"max_position_embeddings {limit} ({path / 'config.json'})")
