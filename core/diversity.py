@@ -227,37 +227,3 @@ def diversity_metrics(response_texts: Sequence[str], answers: Sequence[str | Non
     if embeddings is not None:
         out["diversity/embed_cos"] = mean_pairwise_cosine(embeddings, group_index)
     return out
-
-
-# --- answer coverage against the reference policy -----------------------------------------------------
-# A minimal stand-in, written by the trial-loop work while the full version (stats work, same signature
-# and keys: docs/CONTRACTS in the integrator's notes) lands; replace it with that one.
-
-def coverage_metrics(valid_answers: Sequence[Sequence[str | None]],
-                     ref_valid_answers: Sequence[Sequence[str | None]]) -> dict[str, float]:
-    """Per prompt, S_pi / S_ref = the distinct valid answers (None = an invalid sample) of the policy / of
-    pi_ref; averaged over prompts:
-    - `eval/answer_coverage`: |S_pi & S_ref| / |S_ref| (prompts with empty S_ref skipped);
-    - `eval/answer_novelty`: |S_pi - S_ref| / |S_pi| (prompts with empty S_pi skipped);
-    - `eval/answer_entropy`: entropy in nats of the empirical distribution of the valid answers among
-      the prompt's valid samples (0 for a prompt with none);
-    - `eval/distinct_valid`: |S_pi|.
-    A mean over no prompt is NaN."""
-    if len(valid_answers) != len(ref_valid_answers):
-        raise ValueError(f"coverage_metrics: {len(valid_answers)} prompts of the policy but "
-                         f"{len(ref_valid_answers)} of the reference")
-    cover, novel, entropy, distinct = [], [], [], []
-    for answers, ref_answers in zip(valid_answers, ref_valid_answers):
-        valid = [a for a in answers if a is not None]
-        s_pi, s_ref = set(valid), {a for a in ref_answers if a is not None}
-        if s_ref:
-            cover.append(len(s_pi & s_ref) / len(s_ref))
-        if s_pi:
-            novel.append(len(s_pi - s_ref) / len(s_pi))
-        counts = np.array([valid.count(a) for a in s_pi], dtype=np.float64)
-        p = counts / counts.sum() if counts.size else counts
-        entropy.append(float(-(p * np.log(p)).sum()))
-        distinct.append(float(len(s_pi)))
-    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
-    return {"eval/answer_coverage": mean(cover), "eval/answer_novelty": mean(novel),
-            "eval/answer_entropy": mean(entropy), "eval/distinct_valid": mean(distinct)}

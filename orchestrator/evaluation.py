@@ -31,11 +31,6 @@ CACHE_FORMAT = 1
 EVAL_SEED_OFFSET = 7919  # eval draws other sample streams than the training step of the same number
 
 
-def pass_at_k_ks(n: int) -> list[int]:
-    """k = 1, 2, 4, ... up to n, and n itself."""
-    return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
-
-
 def eval_seed(config: Config, step: int) -> int:
     return (config.run.seed * 1_000_003 + step + EVAL_SEED_OFFSET) % (2**31 - 1)
 
@@ -59,12 +54,11 @@ def sample_answers(rollout: Rollout, task, prompts: list[str], n: int, seed: int
 
 def coverage(answers: list[list[str | None]], reference: list[list[str | None]], rewards: list[float]) -> dict:
     """Every eval metric of one evaluation, keys `eval/...` (pass@k as eval/pass_at_{k})."""
-    n = len(answers[0])
     correct = np.array([[a is not None for a in row] for row in answers])  # (P, n) bool
-    out = pass_at_k_metrics(correct, pass_at_k_ks(n))
+    out = pass_at_k_metrics(correct)  # k = 1, 2, 4, ..., n
     out.update(coverage_metrics(answers, reference))
     out["eval/reward_mean"] = float(np.mean(rewards))
-    return {key.replace("@", "_at_"): value for key, value in out.items()}  # MLflow keys hold no '@'
+    return out
 
 
 def evaluate(rollout: Rollout, task, prompts: list[str], config: Config, step: int,
