@@ -2,7 +2,8 @@
 
     klrl run SPACE.yaml [--set key=value ...] [--address auto|HOST:PORT|ray://HOST:PORT]
                         [--tracking-uri URI] [--storage-path URI] [--resume] [--run-dir DIR]
-    klrl validate SPACE.yaml [--set key=value ...]    # check a study file, list its trials, run nothing
+    klrl validate SPACE.yaml [--set key=value ...] [--gpu-memory-gib N]  # check a study, run nothing
+    klrl plan SPACE.yaml [--set key=value ...] [--gpu h100] [--gpu-memory-gib 80]  # GPU memory, GPU-hours
     klrl report STUDY [--out DIR] [--include-unfinished] # STUDY: a run dir, a study file or a study name
     klrl ui [STUDY] [--port 5000]                        # MLflow UI on 127.0.0.1 over the study's store
     klrl config --explain                                # every config field with its docstring
@@ -108,6 +109,17 @@ def cmd_validate(args) -> int:
     if study.optuna:
         print(f"  Optuna: {study.optuna['num_samples']} samples of {sorted(study.optuna['params'])}, "
               f"{study.optuna['mode']} {study.optuna['metric']}")
+    if args.gpu_memory_gib:
+        from orchestrator.plan import PlanError, check_study
+
+        try:
+            refusals = check_study(study, args.gpu_memory_gib)
+        except PlanError as exc:
+            refusals = [str(exc)]
+        for line in refusals:
+            _err(f"{args.space}: {line} (details: klrl plan {args.space})")
+        if refusals:
+            return EXIT_SPEC
     return EXIT_OK
 
 
@@ -207,7 +219,12 @@ def parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="validate a study file and list its trials")
     val.add_argument("space")
     val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    val.add_argument("--gpu-memory-gib", type=float, default=None,
+                     help="also refuse the study if `klrl plan`'s memory estimate exceeds this GPU memory")
     val.set_defaults(func=cmd_validate)
+    from orchestrator.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     rep = sub.add_parser("report", help="write report.md, summary.csv and plots for a study")
     rep.add_argument("study", help="run dir, study file or study name")
     rep.add_argument("--tracking-uri", default=None)
