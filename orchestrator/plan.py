@@ -15,7 +15,7 @@ stage_1_and_2 / stage3 / bf16 optimizers; Rajbhandari et al. 2020, ZeRO, table 1
     gradients           b N (s <= 1; + 4 N float32 for bf16: the master step's copies, accumulation at s = 1)
                         b N / W + b * min(N, 5e8) reduce bucket + 4 N / W fp32 at the step (s >= 2)
     activations         tokens * L * per-layer bytes, without checkpointing (below);
-                        tokens * L * b H + one layer's worth with checkpointing
+                        tokens * (L * b H + one layer's bytes) with checkpointing (the layer recomputed)
     logits chunk        kl_chunk_size * V * (b + 8 + 4) bytes: the chunk's logits, log p and p in float32 and
                         a float32 copy of bf16 logits (core/lm_head.py); with the reference (score, the
                         exact-KL arm in update) its logits and log q too: (2b + 12 + 4) per token
@@ -169,10 +169,10 @@ def learner_memory(arch: Arch, config: Config, seq_len: int, response_len: int, 
     tokens = micro_batch_tokens(config, seq_len)
     rows = max(1, tokens // seq_len)
     per_layer = activation_bytes_per_token_layer(arch, b)
-    if lc.gradient_checkpointing:
-        act = tokens * (layers * b * h + 2 * per_layer)  # saved layer inputs + one layer recomputed and its grads
-    else:
-        act = tokens * (layers + 1) * per_layer  # + one layer's worth of gradients in flight
+    # Autograd frees a layer's saved tensors as its backward runs, so the peak is the saved set itself
+    # (with checkpointing: every layer's input, plus the one layer being recomputed).
+    per_token = layers * b * h + per_layer if lc.gradient_checkpointing else layers * per_layer
+    act = tokens * per_token
     act += rows * seq_len * seq_len  # the 4-D boolean attention mask
     chunk_tokens = min(lc.kl_chunk_size, tokens, rows * response_len) * v
     # core/lm_head.py per chunk: the logits in the model's dtype, log p and p in float32, and a float32
@@ -186,6 +186,8 @@ def learner_memory(arch: Arch, config: Config, seq_len: int, response_len: int, 
     parts["gradients (peak)"] = grads
     parts["activations"] = act
     parts["logits chunk"] = pair_chunk if exact_in_loss else policy_chunk
+    if chunk_tokens < min(tokens, rows * response_len) * v:
+        parts["logits chunk"] += b * v * h  # several chunks: autograd sums their head gradients in one more buffer
     no_grad_forward = tokens * (3 * b * arch.intermediate + (8 + 4 * b) * h)  # one block's transients
     reserve = LEARNER_RESERVE_GIB * GIB if device == "cuda" else 0.0
     if reserve:
@@ -266,6 +268,7 @@ def trial_time(arch: Arch, config: Config, gpu: GPU, learner_tps: float | None =
 class RolePlan:
     """One GPU role's memory: components, need, budget (None on CPU) and the fields that lower it."""
 
+    name: str  # "learner GPU" or "rollout GPU"
     title: str
     rows: list[tuple[str, float]]
     need: float
@@ -291,7 +294,7 @@ def learner_role(arch: Arch, config: Config, gpu_gib: float) -> RolePlan:
              f"{micro_batch_tokens(config, r.max_model_len):,} tokens, logits chunk {lc.kl_chunk_size:,} tokens)")
     rows = list(mem.parts.items()) + [("peak in score", mem.peak_score), ("peak in update", mem.peak_update)]
     note = "the GPU's memory" + (f" x learner.gpus_per_worker {lc.gpus_per_worker:g}" if lc.gpus_per_worker < 1 else "")
-    return RolePlan(title, rows, max(mem.peak_score, mem.peak_update), budget, note, fields)
+    return RolePlan("learner GPU", title, rows, max(mem.peak_score, mem.peak_update), budget, note, fields)
 
 
 def rollout_role(arch: Arch, config: Config, gpu_gib: float) -> RolePlan:
@@ -305,7 +308,7 @@ def rollout_role(arch: Arch, config: Config, gpu_gib: float) -> RolePlan:
               "task.prompts_per_step", "rollout.tensor_parallel_size"]
     need = sum(parts.values())
     note = f"rollout.gpu_memory_utilization {r.gpu_memory_utilization:g} x {gpu_gib:g} GiB"
-    return RolePlan(title, list(parts.items()) + [("total", need)], need, budget, note, fields)
+    return RolePlan("rollout GPU", title, list(parts.items()) + [("total", need)], need, budget, note, fields)
 
 
 @dataclass
@@ -338,7 +341,7 @@ def plan_study(study, gpu_name: str = "h100", gpu_gib: float | None = None, lear
 
 def problems(plan: StudyPlan) -> list[str]:
     """One line per GPU role whose estimate exceeds its memory, naming the fields to change."""
-    return [f"{role.title.split(',')[0].lower()} needs {role.need / GIB:.1f} GiB, more than its "
+    return [f"{role.name} needs {role.need / GIB:.1f} GiB, more than its "
             f"{role.budget / GIB:.1f} GiB ({role.budget_note}); change {', '.join(role.fields)}"
             for role in plan.roles if not role.fits]
 

@@ -41,10 +41,11 @@ def test_memory_grows_linearly_in_length_with_a_slope_that_chunking_and_checkpoi
              .peak_update for a in (R1, big_vocab)]
     assert slope[1] == pytest.approx(slope[0], rel=0.01)
     chunk = plan.learner_memory(R1, config, 2560, 2048).parts["logits chunk"]
-    assert chunk == pytest.approx(1024 * R1.vocab * (2 + 12))  # one chunk of bf16 logits + 3 float32 buffers
+    # One chunk of bf16 logits + 3 float32 buffers, and the head's gradient summed over the chunks.
+    assert chunk == pytest.approx(1024 * R1.vocab * (2 + 12) + 2 * R1.vocab * R1.hidden)
     exact = plan.learner_memory(R1, config.replace(**{"algorithm.kl_mode": "in_loss",
                                                       "algorithm.kl_estimator": "exact_forward"}), 2560, 2048)
-    assert exact.parts["logits chunk"] > 1.4 * chunk  # the reference's logits share the chunk
+    assert exact.parts["logits chunk"] > 1.3 * chunk  # the reference's logits share the chunk
 
 
 def test_zero_shards_optimizer_state_master_weights_and_gradients_over_ranks():
@@ -97,7 +98,7 @@ def test_a_study_that_does_not_fit_is_refused_naming_the_fields(capsys):
             "--set", "learner.micro_batch_size=16"]
     assert cli.main(["plan", SEEDS[0], *args, "--gpu-memory-gib", "80"]) == 2
     err = capsys.readouterr().err
-    assert "learner gpu needs" in err and "learner.gradient_checkpointing" in err
+    assert "learner GPU needs" in err and "learner.gradient_checkpointing" in err
     assert "learner.max_tokens_per_micro_batch" in err
     assert cli.main(["validate", SEEDS[0], *args, "--gpu-memory-gib", "80"]) == 2
     assert "learner.gradient_checkpointing" in capsys.readouterr().err
