@@ -156,6 +156,61 @@ def max_trial_resources(study: Study) -> dict[str, float]:
     return out
 
 
+def gpu_fields(config) -> str:
+    """The fields that make a trial ask for GPUs, e.g. 'learner.gpus_per_worker=1 (x2 learners), ...'."""
+    asks = [f"{name}.gpus_per_worker={section.gpus_per_worker:g} (x{section.num_workers} {name}s)"
+            for name, section in (("learner", config.learner), ("rollout", config.rollout))
+            if section.gpus_per_worker > 0]
+    return ", ".join(asks)
+
+
+def autoscaler_limit(resource: str) -> float | None:
+    """The most of `resource` an autoscaler could give the connected Ray cluster; None without one."""
+    from ray._private import ray_constants
+    from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return scaling_limit(resource, state.get_max_resources_from_cluster_config(),
+                         _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
+
+
+def scaling_limit(resource: str, group_limits: dict | None, status: bytes | None) -> float | None:
+    """An autoscaler that publishes its node groups (autoscaler v2, KubeRay) gives `group_limits`, an
+    exact limit. The cluster launcher's (v1, cluster.yaml) publishes only its status, whose node types
+    are the config's ('head', 'gpu_worker'); its limit is taken as unbounded. A plain `ray start` or
+    `ray.init` runs a read-only monitor whose node types are the live nodes' ids ('node_<hex>'): None."""
+    if group_limits is not None:
+        return float(group_limits.get(resource, 0))
+    report = (json.loads(status).get("autoscaler_report") or {}) if status else {}
+    node_types = set(report.get("active_nodes") or {}) | set(report.get("pending_launches") or {})
+    return float("inf") if any(not t.startswith("node_") for t in node_types) else None
+
+
+def check_cluster_gpus(study: Study, address: str | None = None) -> None:
+    """Refuse, before any trial starts, a study whose trial asks for more GPUs than the connected Ray
+    cluster has and no autoscaler could add (Tune would wait forever for its placement group), or NCCL
+    on learners without GPUs. The message names the fields."""
+    import ray
+
+    from workers.actors import bundles_for
+
+    configs = [study.trial_config(labels) for labels in study.grid()] or [study.trial_config({})]
+    if any(c.learner.backend == "nccl" and c.learner.gpus_per_worker == 0 for c in configs):
+        raise LaunchError("learner.backend: 'nccl' needs learner.gpus_per_worker > 0; use 'auto' or 'gloo' "
+                          "for CPU learners")
+    need = max_trial_resources(study).get("GPU", 0.0)
+    have = ray.cluster_resources().get("GPU", 0.0)
+    limit = autoscaler_limit("GPU") if need > have else None
+    if need <= have or (limit is not None and need <= limit):
+        return
+    config = max(configs, key=lambda c: sum(b.get("GPU", 0.0) for b in bundles_for(c)))
+    where = f"at {address}" if address else "started here"
+    scaler = "no autoscaler that could add GPU nodes" if limit is None else f"an autoscaler limit of {limit:g}"
+    raise LaunchError(f"{gpu_fields(config)}: a trial asks for {need:g} GPU(s) but the Ray cluster {where} has "
+                      f"{have:g} and {scaler}; run on a GPU cluster (cluster.yaml, docs/GPU.md) or set "
+                      "learner.gpus_per_worker=0 and rollout.gpus_per_worker=0 to run on CPUs")
+
+
 def open_study_runs(study: Study, run_dir: Path, uri: str, resume: bool, storage: str):
     """(tracker, experiment id, parent run id); --resume reopens the parent run of the interrupted study."""
     tracker = make_tracker(uri)
@@ -268,6 +323,7 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
     try:
         prebuild_policies(study, run_dir, log)
         connect_ray(address, run_dir)
+        check_cluster_gpus(study, address)
         check_multi_node_storage(uri, storage, max_trial_resources(study))
         # After ray.init, which installs its own (aborting) SIGTERM handler in the driver.
         previous = signal.signal(signal.SIGTERM, _sigterm_as_sigint)

@@ -32,6 +32,22 @@ def default_uri(run_dir: str | Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
+# What klrl can track to: MLflow's sqlite store, and an `mlflow server` (which may front any database or
+# bucket). MLflow 3 refuses its file store (plain paths, file://) unless MLFLOW_ALLOW_FILE_STORE is set, and
+# its other database schemes need drivers klrl does not install.
+SUPPORTED_SCHEMES = ("sqlite", "http", "https")
+
+
+def unsupported_uri(uri: str) -> str | None:
+    """Why `uri` cannot be klrl's tracking URI (one line naming the supported schemes), or None if it can."""
+    scheme = uri.partition("://")[0].lower() if "://" in uri else ""
+    if scheme in SUPPORTED_SCHEMES:
+        return None
+    what = f"unsupported scheme {scheme + '://'!r}" if scheme else "a plain path (MLflow's file store)"
+    return (f"{uri!r} is {what}; klrl tracks to sqlite:///<path>/mlflow.db (the default: a file in the run dir) "
+            "or http(s)://<host>:<port> (an `mlflow server`, which can front any database)")
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast (seconds, not MLflow's minutes of retries) when the store cannot be reached."""
     if uri.startswith(("http://", "https://")):

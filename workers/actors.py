@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from core.config import Config
 from core.types import RolloutBatch, TokenScores, TrainBatch
-from workers import environment
+from workers import device, environment
 from workers.learner import SUMMED_METRICS, LearnerWorker, check_model_dir, free_port
 from workers.rollout import RolloutWorker
 
@@ -100,13 +100,13 @@ def _get_failfast(refs: list, what: str, timeout_s: float) -> list:
     return ray.get(refs)
 
 
-def _options(pg: PlacementGroup, bundle: int, cpus: float, gpus: float) -> dict:
+def actor_options(pg: PlacementGroup, bundle: int, cpus: float, gpus: float) -> dict:
+    """Ray options of an actor in bundle `bundle` of pg: its resources, and the runtime_env that
+    workers/device.py derives from those resources (never from this driver's machine)."""
     return dict(num_cpus=cpus, num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
                                                                      placement_group_bundle_index=bundle),
-                # One math thread per reserved CPU: the driver's OMP_NUM_THREADS (all cores) in every
-                # actor oversubscribes the node, and spinning OpenMP threads then slow all of them.
-                runtime_env={"env_vars": {**environment.actor_env_vars(), "OMP_NUM_THREADS": str(max(1, int(cpus)))}})
+                runtime_env=device.runtime_env(cpus, gpus, environment.actor_env_vars()))
 
 
 @ray.remote
@@ -146,10 +146,10 @@ class LearnerGroup:
 
     def _start(self, policy: Path, reference: Path, pg: PlacementGroup, bundles: list[int]) -> None:
         lc = self.config.learner
-        addr, port = _get(_master_address.options(**_options(pg, bundles[0], 0, 0)).remote(),
+        addr, port = _get(_master_address.options(**actor_options(pg, bundles[0], 0, 0)).remote(),
                           "learner master address", START_TIMEOUT_S)
         actor = ray.remote(LearnerWorker)
-        self.actors = [actor.options(**_options(pg, bundles[r], lc.cpus_per_worker, lc.gpus_per_worker)).remote(
+        self.actors = [actor.options(**actor_options(pg, bundles[r], lc.cpus_per_worker, lc.gpus_per_worker)).remote(
             str(policy), self.config, r, self.world_size, addr, port, str(reference))
             for r in range(self.world_size)]
         _get_failfast([a.ping.remote() for a in self.actors], "learner start", START_TIMEOUT_S)
@@ -210,7 +210,7 @@ class RolloutGroup:
         folder = check_model_dir(model_path, "model_path")
         first = rollout_bundle(config, 0) if first_bundle is None else first_bundle
         actor = ray.remote(RolloutWorker)
-        self.actors = [actor.options(**_options(pg, first + i, rc.cpus_per_worker, rc.gpus_per_worker)).remote(
+        self.actors = [actor.options(**actor_options(pg, first + i, rc.cpus_per_worker, rc.gpus_per_worker)).remote(
             str(folder), rc, config.model.dtype, config.run.seed + i) for i in range(rc.num_workers)]
         try:
             _get_failfast([a.__ray_ready__.remote() for a in self.actors], "rollout start", START_TIMEOUT_S)
@@ -239,3 +239,30 @@ class RolloutGroup:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+
+
+class DeviceProbe:
+    """Stands where a learner or rollout actor would, with the same Ray options, and reports the device
+    it was given as the engines would see it (after `enter`, as they do): no engine, model or CUDA call."""
+
+    def describe(self, backend: str) -> dict:
+        device.this_actor().enter()
+        return device.describe(backend)
+
+
+def probe_devices(config: Config, pg: PlacementGroup,
+                  timeout_s: float = START_TIMEOUT_S) -> list[tuple[str, int, dict]]:
+    """(role, index, report) for a probe in every learner and rollout bundle of pg (bundles_for's layout),
+    each started with the options the real actor would get; the probes are gone when this returns."""
+    lc, rc = config.learner, config.rollout
+    slots = ([("learner", r, learner_bundle(config, r), lc) for r in range(lc.num_workers)]
+             + [("rollout", i, rollout_bundle(config, i), rc) for i in range(rc.num_workers)])
+    probe = ray.remote(DeviceProbe)
+    actors = [probe.options(**actor_options(pg, bundle, section.cpus_per_worker, section.gpus_per_worker)).remote()
+              for _, _, bundle, section in slots]
+    try:
+        reports = _get_failfast([a.describe.remote(lc.backend) for a in actors], "device probe", timeout_s)
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+    return [(role, index, report) for (role, index, _, _), report in zip(slots, reports)]

@@ -46,6 +46,7 @@ import torch
 from core.config import Config
 from core.losses import policy_loss
 from core.types import RolloutBatch, TokenScores, TrainBatch
+from workers import device
 from workers.sequence import ModelInputs, ResponseScorer, model_inputs, pack_micro_batches, trim_padding
 
 CHECKPOINT_TAG = "klrl"
@@ -120,10 +121,6 @@ def deepspeed_config(config: Config, world_size: int) -> dict:
     }
 
 
-def _pad_cols(t: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -145,17 +142,20 @@ class LearnerWorker:
     def __init__(self, model_path: str | os.PathLike, config: Config, rank: int = 0, world_size: int = 1,
                  master_addr: str | None = None, master_port: int | None = None,
                  reference_path: str | os.PathLike | None = None):
+        # The device is the one this actor was given (workers/device.py), checked and set before
+        # DeepSpeed picks its accelerator.
+        actor = device.this_actor()
+        actor.enter()
+        actor.check(config.model.dtype)
+        backend = actor.dist_backend(config.learner.backend)
         import deepspeed
         from transformers import AutoModelForCausalLM
 
         self.config, self.rank, self.world_size = config, rank, world_size
         policy_path = check_model_dir(model_path, "model_path")
         ref_path = check_model_dir(reference_path or model_path, "reference_path")
-        cuda = torch.cuda.is_available()
-        if config.learner.backend == "nccl" and not cuda:
-            raise ValueError("learner.backend: 'nccl' needs a CUDA device; this learner has none, use 'gloo'")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        init_distributed(config.learner.backend, rank, world_size, master_addr, master_port)
+        self.device = actor.torch_device()
+        init_distributed(backend, rank, world_size, master_addr, master_port)
         torch.manual_seed(config.run.seed)
         dtype = getattr(torch, config.model.dtype)
         policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)

@@ -20,6 +20,7 @@ the repacking.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 
 from core.config import RolloutConfig
 from core.types import RolloutBatch
+from workers import device
 
 # Log-probs of the distribution the tokens were actually drawn from (after temperature/top-p), so the
 # learner's recomputed log-probs differ from them only by what a stale or wrong weight sync would cause.
@@ -52,18 +54,17 @@ class RolloutWorker:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model folder {str(path)!r} does not exist or has no config.json "
                                     "(expected a Hugging Face causal-LM folder)")
+        check_model_len(path, rollout)  # the driver could not, if the model was not on its machine
         self.rollout = rollout
-        self.cuda = torch.cuda.is_available()
         self._rng = np.random.default_rng(seed)
+        # The device is the one this actor was given (workers/device.py), never the driver's.
+        actor = device.this_actor()
+        actor.enter()
+        actor.check(dtype)
+        device_args, device_env = actor.vllm_settings(rollout)
+        os.environ.update(device_env)
         engine_args: dict = dict(model=str(path), dtype=dtype, max_model_len=rollout.max_model_len, seed=seed,
-                                 logprobs_mode=LOGPROBS_MODE, enforce_eager=not self.cuda)
-        if self.cuda:
-            engine_args.update(gpu_memory_utilization=rollout.gpu_memory_utilization,
-                               tensor_parallel_size=rollout.tensor_parallel_size,
-                               enable_sleep_mode=rollout.enable_sleep_mode)
-        else:
-            # vLLM reads its CPU KV-cache budget from the environment when the engine starts.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(rollout.kv_cache_space_gib)
+                                 logprobs_mode=LOGPROBS_MODE, **device_args)
         from vllm import LLM  # imported late: it is heavy and reads the environment set above
 
         self.llm = LLM(**engine_args)
@@ -83,6 +84,10 @@ class RolloutWorker:
             raise ValueError(f"generate needs at least one prompt and n >= 1, got {len(prompts)} prompts, n={n}")
         params = self.sampling_params(len(prompts), n, seed, temperature, max_new_tokens, ignore_eos)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        longest = max(len(o.prompt_token_ids) for o in outputs)
+        if longest + params[0].max_tokens > self.rollout.max_model_len:  # vLLM silently cut responses short
+            raise ValueError(f"rollout.max_model_len: a prompt of {longest} tokens plus rollout.max_new_tokens "
+                             f"({params[0].max_tokens}) exceeds rollout.max_model_len ({self.rollout.max_model_len})")
         return self.to_batch(prompts, outputs, n)
 
     def sampling_params(self, n_prompts: int, n: int, seed: int | None = None, temperature: float | None = None,
@@ -149,12 +154,10 @@ class RolloutWorker:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
         self.llm.reset_prefix_cache()
 
-    def sleep(self) -> None:
-        """Release GPU memory between rollouts (GPU with rollout.enable_sleep_mode only; else a no-op)."""
-        if self.cuda and self.rollout.enable_sleep_mode:
-            self.llm.sleep(level=1)
 
-    def wake_up(self) -> None:
-        """Undo `sleep` before the next generate/update_weights (no-op where sleep was one)."""
-        if self.cuda and self.rollout.enable_sleep_mode:
-            self.llm.wake_up()
+def check_model_len(path: Path, rollout: RolloutConfig) -> None:
+    """rollout.max_model_len within the model's max_position_embeddings (vLLM's own error names neither)."""
+    limit = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
+    if isinstance(limit, int) and rollout.max_model_len > limit:
+        raise ValueError(f"rollout.max_model_len: {rollout.max_model_len} exceeds the model's "
+                         f"max_position_embeddings {limit} ({path / 'config.json'})")
