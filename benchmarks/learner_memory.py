@@ -125,7 +125,7 @@ def learner_config(path: str, rows: int, micro: int, chunk: int):
     return Config().replace(**{
         "learner.micro_batch_size": micro, "learner.kl_chunk_size": chunk, "learner.lr": 1e-5,
         "learner.gradient_checkpointing": path == "ckpt", "rollout.n_samples": rows, "task.prompts_per_step": 1,
-        "algorithm.kl_mode": "in_loss", "algorithm.kl_estimator": "k3"})
+        "algorithm.kl_mode": "in_loss", "algorithm.kl_estimator": "k3", "algorithm.kl_clamp": 10.0})
 
 
 def make_learner(path: str, folder: Path, config):

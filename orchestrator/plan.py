@@ -185,6 +185,7 @@ def learner_memory(arch: Arch, config: Config, seq_len: int, response_len: int, 
     hidden_io = tokens * h * b * 4  # final hidden states of policy and reference, packed copies, their grads
     parts["gradients (peak)"] = grads
     parts["activations"] = act
+    parts["final hidden states"] = hidden_io
     parts["logits chunk"] = pair_chunk if exact_in_loss else policy_chunk
     if chunk_tokens < min(tokens, rows * response_len) * v:
         parts["logits chunk"] += b * v * h  # several chunks: autograd sums their head gradients in one more buffer
@@ -192,7 +193,7 @@ def learner_memory(arch: Arch, config: Config, seq_len: int, response_len: int, 
     reserve = LEARNER_RESERVE_GIB * GIB if device == "cuda" else 0.0
     if reserve:
         parts["runtime reserve"] = reserve
-    peak_update = static + grads + act + parts["logits chunk"] + hidden_io + reserve
+    peak_update = sum(parts.values())  # the table's rows add up to it
     peak_score = static + no_grad_forward + pair_chunk + hidden_io + reserve
     return LearnerMemory(parts, peak_score, peak_update)
 
