@@ -113,7 +113,15 @@ class LearnerConfig:
     backend: str = _doc(f"torch.distributed backend, one of {BACKENDS}: 'auto' = nccl on learners with GPUs, "
                         "gloo on CPU learners (derived from gpus_per_worker, not from the driver's machine).",
                         "auto")
-    kl_chunk_size: int = _doc("Tokens per chunk when computing full-vocabulary KL (bounds memory).", 4096)
+    kl_chunk_size: int = _doc(
+        "Tokens per chunk of every full-vocabulary computation (log-probs, entropy, exact KL): the "
+        "logits exist for this many tokens at a time, so their memory is ~chunk * vocab, not B * T * vocab.", 4096)
+    gradient_checkpointing: bool = _doc(
+        "Recompute each decoder layer's activations in the backward (HF gradient checkpointing): "
+        "activation memory ~1 hidden state per layer and token instead of ~30, for ~1/3 more compute.", False)
+    max_tokens_per_micro_batch: int = _doc(
+        "Token budget of a micro-batch (rows x padded length); rows are packed longest first. "
+        "0 = split by micro_batch_size rows only (which also caps the rows when a budget is set).", 0)
     cpus_per_worker: float = _doc("CPU bundle per learner actor.", 1.0)
     gpus_per_worker: float = _doc("GPU bundle per learner actor (0 on CPU machines).", 0.0)
 
@@ -382,6 +390,8 @@ def _validate_learner(lrn: LearnerConfig) -> None:
     _check(lrn.grad_clip > 0, "learner.grad_clip", f"must be > 0, got {lrn.grad_clip}")
     for name in ("num_workers", "micro_batch_size", "ppo_epochs", "mini_batches", "kl_chunk_size"):
         _check(getattr(lrn, name) >= 1, f"learner.{name}", f"must be >= 1, got {getattr(lrn, name)}")
+    _check(lrn.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch",
+           f"must be >= 0 (0 = no token budget), got {lrn.max_tokens_per_micro_batch}")
 
 
 # Most sequences one generate call may sample (a step's prompts_per_step * n_samples, an eval's

@@ -4,6 +4,8 @@
                         [--tracking-uri URI] [--storage-path URI] [--resume] [--run-dir DIR]
     klrl validate SPACE.yaml [--set key=value ...]    # check a study file, list its trials, run nothing
                   [--placement [--address ...]]       # + place a trial on Ray and probe its actors' devices
+                  [--gpu-memory-gib N]                # + refuse it if `klrl plan` says a GPU runs out of memory
+    klrl plan SPACE.yaml [--set key=value ...] [--gpu h100] [--gpu-memory-gib 80]  # GPU memory, GPU-hours
     klrl report STUDY [--out DIR] [--include-unfinished] # STUDY: a run dir, a study file or a study name
     klrl ui [STUDY] [--port 5000]                        # MLflow UI on 127.0.0.1 over the study's store
     klrl config --explain                                # every config field with its docstring
@@ -137,6 +139,17 @@ def cmd_validate(args) -> int:
     if study.optuna:
         print(f"  Optuna: {study.optuna['num_samples']} samples of {sorted(study.optuna['params'])}, "
               f"{study.optuna['mode']} {study.optuna['metric']}")
+    if args.gpu_memory_gib:
+        from orchestrator.plan import PlanError, check_study
+
+        try:
+            refusals = check_study(study, args.gpu_memory_gib)
+        except PlanError as exc:
+            refusals = [str(exc)]
+        for line in refusals:
+            _err(f"{args.space}: {line} (details: klrl plan {args.space})")
+        if refusals:
+            return EXIT_SPEC
     return _placement_dry_run(study, args) if args.placement else EXIT_OK
 
 
@@ -263,7 +276,12 @@ def parser() -> argparse.ArgumentParser:
                           "with the real actors' options; reports every actor's device; loads no model")
     val.add_argument("--address", default=None, help="Ray cluster for --placement (default: start a local Ray)")
     val.add_argument("--run-dir", default=None, help="for --placement with a local Ray: its temp dir's home")
+    val.add_argument("--gpu-memory-gib", type=float, default=None,
+                     help="also refuse the study if `klrl plan`'s memory estimate exceeds this GPU memory")
     val.set_defaults(func=cmd_validate)
+    from orchestrator.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     rep = sub.add_parser("report", help="write report.md, summary.csv and plots for a study")
     rep.add_argument("study", help="run dir, study file or study name")
     rep.add_argument("--tracking-uri", default=None)
