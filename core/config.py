@@ -27,6 +27,7 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 TASKS = ("palindrome", "deepscaler")
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("auto", "gloo", "nccl")
+WEIGHT_SYNCS = ("object_store", "collective")
 # Keys klrl once had, with why they went: an old study file that sets one is told so by name.
 REMOVED_KEYS = {
     "rollout.enable_sleep_mode": "removed: a learner and a rollout engine never share a GPU in klrl, so "
@@ -89,6 +90,10 @@ class RolloutConfig:
         "vLLM tensor parallel size; must be 1: a rollout actor holds one GPU and one engine (scale "
         "rollouts with rollout.num_workers).", 1)
     num_workers: int = _doc("Rollout actors per trial; prompts are split across them.", 1)
+    weight_sync: str = _doc(
+        f"How the learner's weights reach vLLM after each update: one of {WEIGHT_SYNCS} ('object_store': "
+        "through Ray's object store; 'collective': a process group between learner and engines).",
+        "object_store")
     cpus_per_worker: float = _doc("CPU bundle per rollout actor.", 1.0)
     gpus_per_worker: float = _doc("GPU bundle per rollout actor (0 on CPU machines).", 0.0)
 
@@ -168,9 +173,14 @@ class RunConfig:
 
     seed: int = _doc("Trial seed: sampling, prompt order, learner RNG.", 0)
     steps: int = _doc("RL steps per trial (>= 1).", 20)
-    eval_every: int = _doc("Evaluate pass@k on the eval split every this many steps (0 = never).", 0)
-    eval_n_samples: int = _doc("Samples per eval prompt for pass@k.", 8)
-    checkpoint_every: int = _doc("Checkpoint through Tune every this many steps (0 = never).", 0)
+    eval_every: int = _doc(
+        "Evaluate pass@k and answer coverage on the eval split every this many steps, at the last step and "
+        "at step 0 (pi_ref, computed once per study and seed, cached in the run dir); 0 = never.", 0)
+    eval_n_samples: int = _doc(
+        "Samples n per eval prompt: pass@k is logged for k = 1, 2, 4, ... up to n (and n itself).", 8)
+    checkpoint_every: int = _doc(
+        "Checkpoint every this many steps and at the last step; metrics reach MLflow at checkpoints "
+        "(exactly once, docs/DESIGN.md), so 0 (never) writes them at the end of the trial only.", 0)
     samples_every: int = _doc("Log a table of sample completions every this many steps (0 = never).", 5)
     diversity_every: int = _doc("Compute embedding diversity every this many steps (0 = never).", 1)
     run_dir: str = _doc("Where runs, caches, checkpoints and the MLflow store live.", "runs")
@@ -349,6 +359,7 @@ def _validate_algorithm(a: AlgorithmConfig) -> None:
 
 
 def _validate_rollout(r: RolloutConfig, a: AlgorithmConfig) -> None:
+    _one_of(r.weight_sync, WEIGHT_SYNCS, "rollout.weight_sync")
     min_group = 2 if a.advantage in ("rloo", "grpo") else 1
     _check(r.n_samples >= min_group, "rollout.n_samples",
            f"must be >= {min_group} for advantage={a.advantage!r} (a group baseline needs 2+ samples), "

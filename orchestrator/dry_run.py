@@ -25,7 +25,7 @@ PG_TIMEOUT_S = 1800.0
 
 def distinct_trial_shapes(study: Study) -> list:
     """One trial config per distinct bundle list (a seed study has one shape for all its trials)."""
-    from workers.actors import bundles_for
+    from workers.engines import bundles_for
 
     shapes: dict[str, object] = {}
     for labels in study.grid() or [{}]:
@@ -49,7 +49,8 @@ def probe_shape(config, log=print, timeout_s: float = PG_TIMEOUT_S) -> list[str]
     from ray import tune
 
     from workers import device
-    from workers.actors import bundles_for, probe_devices
+    from workers.actors import probe_devices
+    from workers.engines import bundles_for
 
     factory = tune.PlacementGroupFactory(bundles_for(config))
     log(f"klrl: placement group {factory.bundles} ({factory.strategy}); waiting up to {timeout_s:.0f} s "

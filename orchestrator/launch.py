@@ -8,7 +8,7 @@ SIGTERM) the driver ends every child run a killed trial could not end itself, so
 Run directory layout (one study per directory):
     <run_dir>/study.yaml      the study as run (overrides applied), reread by --resume
     <run_dir>/driver.json     MLflow ids of the study (experiment, parent run), Tune storage; reread by --resume
-    <run_dir>/tune/<name>/    Tune's experiment state, trial checkpoints (or --storage-path/<name>)
+    <run_dir>/tune/<name>/    Tune's experiment state, trial folders with klrl's checkpoints (or --storage-path/<name>)
     <run_dir>/mlflow.db, mlartifacts/   default MLflow store
     <run_dir>/ray/            Ray's temp dir when klrl starts Ray itself
 """
@@ -25,7 +25,6 @@ from urllib.parse import urlparse
 
 from orchestrator.search_space import Study
 from orchestrator.tracking import ROLE_TAG, STUDY_TAG, check_reachable, default_uri, git_commit, make_tracker
-from orchestrator.trial import TrialSetup, train
 
 
 class LaunchError(RuntimeError):
@@ -93,7 +92,8 @@ def storage_for(run_dir: Path, given: str | None, resume: bool) -> str:
     state_file = run_dir / "driver.json"
     if given is None and resume and state_file.exists():
         given = json.loads(state_file.read_text()).get("storage_path")
-    return given or str(run_dir / "tune")
+    given = given or str(run_dir / "tune")
+    return given if "://" in given else str(Path(given).resolve())
 
 
 SHARED_FS_TYPES = ("nfs", "nfs4", "efs", "lustre", "cifs", "smb3", "ceph", "gpfs", "beegfs", "glusterfs", "fuse")
@@ -146,7 +146,7 @@ def check_multi_node_storage(uri: str, storage: str, trial_resources: dict[str, 
 
 def max_trial_resources(study: Study) -> dict[str, float]:
     """The most of each resource (CPU, GPU) that one trial of the study asks for."""
-    from workers.actors import bundles_for
+    from workers.engines import bundles_for
 
     out: dict[str, float] = {}
     configs = [study.trial_config(labels) for labels in study.grid()] or [study.trial_config({})]
@@ -192,7 +192,7 @@ def check_cluster_gpus(study: Study, address: str | None = None) -> None:
     on learners without GPUs. The message names the fields."""
     import ray
 
-    from workers.actors import bundles_for
+    from workers.engines import bundles_for
 
     configs = [study.trial_config(labels) for labels in study.grid()] or [study.trial_config({})]
     if any(c.learner.backend == "nccl" and c.learner.gpus_per_worker == 0 for c in configs):
@@ -230,10 +230,22 @@ def open_study_runs(study: Study, run_dir: Path, uri: str, resume: bool, storage
     return tracker, experiment_id, parent
 
 
-def build_tuner(study: Study, setup: TrialSetup, storage: str, resume: bool):
+def build_tuner(study: Study, setup, storage: str, resume: bool):
+    """The Tuner of the study (or, with resume, the restored one).
+
+    Tune reuses a finished trial's trainable process for the next trial with the same resources
+    (`reuse_actors`): the process keeps its placement group and its engines (workers/engines.py), so
+    only the first trial on them pays their start-up. Checkpoints are klrl's own (orchestrator/
+    checkpoint.py), not Tune's: Tune's experiment state is saved every few seconds, so after a driver
+    SIGKILL it points at an older checkpoint than the newest one a trial wrote, and it lists checkpoints
+    its `num_to_keep` retention already deleted (deleting them again fails in `_delete_fs_path` with
+    "Error handling checkpoint ... FileNotFoundError"). Trials find their newest complete checkpoint
+    themselves.
+    """
     from ray import tune
 
-    from workers.actors import bundles_for
+    from orchestrator.trainable import NoRetryAfterNonFinite, train
+    from workers.engines import bundles_for
 
     def resources(tune_config: dict):
         config = study.trial_config(tune_config.get("grid", {}), tune_config.get("search", {}))
@@ -254,10 +266,11 @@ def build_tuner(study: Study, setup: TrialSetup, storage: str, resume: bool):
     run_config = tune.RunConfig(
         name=study.name, storage_path=storage, progress_reporter=reporter, verbose=1,
         failure_config=tune.FailureConfig(max_failures=study.tune.get("max_failures", 1)),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+        callbacks=[NoRetryAfterNonFinite()])
     tune_config = study.tune_config()
+    tune_config.reuse_actors = True
     tune_config.trial_name_creator = lambda t: _short_name(study, t)
-    tune_config.trial_dirname_creator = lambda t: f"trial_{t.trial_id}"
+    tune_config.trial_dirname_creator = lambda t: f"trial_{t.trial_id}"  # trainable.py's checkpoints live here
     return tune.Tuner(trainable, param_space=study.param_space(), tune_config=tune_config, run_config=run_config)
 
 
@@ -317,8 +330,10 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
         raise LaunchError(f"{run_dir} already holds study {study.name!r}: pass --resume to continue it, "
                           f"another --run-dir, or delete {run_dir}")
     tracker, experiment_id, parent = open_study_runs(study, run_dir, uri, resume, storage)
+    from orchestrator.trainable import TrialSetup
+
     setup = TrialSetup(study=study, run_dir=str(run_dir), tracking_uri=uri, experiment_id=experiment_id,
-                       parent_run_id=parent, git_commit=git_commit())
+                       parent_run_id=parent, storage_path=storage, git_commit=git_commit())
     status, previous = "KILLED", None
     try:
         prebuild_policies(study, run_dir, log)
@@ -367,10 +382,6 @@ def prepare_run_dir(study: Study, run_dir: Path, resume: bool) -> Study:
            "optuna": study.optuna, "tune": study.tune or None}
     dump_yaml({k: v for k, v in raw.items() if v not in (None, "")}, record)
     return study
-
-
-def exit_code(outcome: Outcome) -> int:
-    return 0 if outcome.ok else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

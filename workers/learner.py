@@ -43,15 +43,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.config import Config
+from core.config import Config, flatten
 from core.losses import policy_loss
 from core.types import RolloutBatch, TokenScores, TrainBatch
+from tasks.policy import check_model_folder
 from workers import device
 from workers.sequence import ModelInputs, ResponseScorer, model_inputs, pack_micro_batches, trim_padding
 
 CHECKPOINT_TAG = "klrl"
 DIST_TIMEOUT = timedelta(minutes=10)
 SUMMED_METRICS = ("learner/tokens", "learner/sequences")  # LearnerGroup sums these over ranks
+# Learner settings read at call time or applied by `reset`; every other model/learner field is built into
+# the engine, so a learner is reused only for a trial that agrees on all of those (`built_settings`).
+RESET_FIELDS = ("learner.lr", "learner.weight_decay", "learner.ppo_epochs", "learner.mini_batches",
+                "learner.kl_chunk_size", "learner.max_tokens_per_micro_batch")
+
+
+def built_settings(config: Config) -> dict:
+    """The settings a LearnerWorker bakes in at construction (dotted name -> value)."""
+    flat = flatten({"model": config.to_dict()["model"], "learner": config.to_dict()["learner"]})
+    return {k: v for k, v in flat.items() if k not in RESET_FIELDS}
+
+
 SCORE_KEYS = ("logprobs", "ref_logprobs", "entropy", "kl_reverse", "kl_forward")  # TokenScores' field order
 
 
@@ -60,15 +73,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def check_model_dir(path: str | os.PathLike, field: str) -> Path:
-    """The model folder as a Path; FileNotFoundError naming `field` if it is not a HF model folder."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{field}: no Hugging Face model folder at '{folder}' (expected {folder}/config.json); "
-                                "resolve hub ids and 'tiny' with tasks.policy.resolve_policy first")
-    return folder
 
 
 def _output_vocab(model: torch.nn.Module) -> int:
@@ -128,6 +132,12 @@ def _rng_state() -> dict:
     return state
 
 
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # all devices
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -152,8 +162,8 @@ class LearnerWorker:
         from transformers import AutoModelForCausalLM
 
         self.config, self.rank, self.world_size = config, rank, world_size
-        policy_path = check_model_dir(model_path, "model_path")
-        ref_path = check_model_dir(reference_path or model_path, "reference_path")
+        policy_path = check_model_folder(model_path, "model_path", tokenizer=False)
+        ref_path = check_model_folder(reference_path or model_path, "reference_path", tokenizer=False)
         self.device = actor.torch_device()
         init_distributed(backend, rank, world_size, master_addr, master_port)
         torch.manual_seed(config.run.seed)
@@ -171,6 +181,8 @@ class LearnerWorker:
             model=ResponseScorer(policy), optimizer=optimizer, config=deepspeed_config(config, world_size),
             dist_init_required=False)
         self.steps = 0  # optimizer steps taken (saved in checkpoints)
+        self.fresh: Path | None = None  # the snapshot `reset` returns to (see `snapshot`)
+        _seed_everything(config.run.seed)  # the state `reset` re-creates, whatever the build drew
 
     # ----------------------------------------------------------------------------------------- score
     @torch.no_grad()
@@ -350,6 +362,36 @@ class LearnerWorker:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at '{directory}'")
         self.steps = int(client_state["klrl_steps"])
         _set_rng_state(torch.load(directory / CHECKPOINT_TAG / f"rng_rank{self.rank}.pt", weights_only=False))
+
+    def snapshot(self, directory: str | os.PathLike) -> None:
+        """Save this freshly built learner (pi_ref weights, empty optimizer, counters 0) for `reset`.
+
+        Collective: every rank saves its part into the same directory (on a filesystem all ranks share).
+        """
+        if self.steps:
+            raise RuntimeError("snapshot() must be taken before the first update (it is what reset returns to)")
+        self.save_checkpoint(directory)
+        self.fresh = Path(directory)
+
+    def reset(self, config: Config) -> None:
+        """Become the learner a fresh build for `config` would be: pi_ref weights, a fresh optimizer (no
+        moments, its lr and weight decay), step counters at 0, config's seeds and call-time settings.
+
+        DeepSpeed's own checkpoint of the fresh engine is loaded back, which restores ZeRO's partitioned
+        fp32 weights and optimizer state under every stage. Settings built into the engine (ZeRO stage,
+        dtype, micro-batch size, ...) cannot change: a config that differs in them raises.
+        """
+        if self.fresh is None:
+            raise RuntimeError("reset() needs snapshot() taken right after construction")
+        changed = sorted(k for k, v in built_settings(config).items() if built_settings(self.config).get(k) != v)
+        if changed:
+            raise ValueError(f"reset: {changed} are built into this learner; build a new one for them")
+        self.config = config
+        self.load_checkpoint(self.fresh)
+        self.engine.micro_steps = 0  # not in DeepSpeed's checkpoint; 0 in a fresh engine
+        for group in self.optimizer.param_groups:
+            group.update(lr=config.learner.lr, weight_decay=config.learner.weight_decay)
+        _seed_everything(config.run.seed)
 
     def ping(self) -> int:
         """Cheap liveness check for the actor wrapper; returns the rank."""

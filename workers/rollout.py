@@ -27,14 +27,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.config import RolloutConfig
+from core.config import Config, RolloutConfig, flatten
 from core.types import RolloutBatch
+from tasks.policy import check_model_folder
 from workers import device
 
 # Log-probs of the distribution the tokens were actually drawn from (after temperature/top-p), so the
 # learner's recomputed log-probs differ from them only by what a stale or wrong weight sync would cause.
 # With temperature=1 and top_p=1 (klrl's on-policy default) this equals the raw policy log-probs.
 LOGPROBS_MODE = "processed_logprobs"
+# Rollout settings read at call time; every other model/rollout field is built into the engine, so an
+# engine is reused only for a trial that agrees on all of those (`built_settings`).
+RESET_FIELDS = ("rollout.n_samples", "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens")
+
+
+def built_settings(config: Config) -> dict:
+    """The settings a RolloutWorker bakes in at construction (dotted name -> value)."""
+    flat = flatten({"model": config.to_dict()["model"], "rollout": config.to_dict()["rollout"]})
+    return {k: v for k, v in flat.items() if k not in RESET_FIELDS}
+
+
+def _seed_engine_worker(worker, seed: int) -> None:
+    """Run in every vLLM worker (collective_rpc): the global RNGs a fresh engine of `seed` starts from."""
+    from vllm.utils.torch_utils import set_random_seed
+
+    set_random_seed(seed)
 
 
 class RolloutWorker:
@@ -49,11 +66,8 @@ class RolloutWorker:
 
     def __init__(self, model_path: str | os.PathLike, rollout: RolloutConfig, dtype: str = "float32",
                  seed: int = 0):
-        path = Path(model_path)
         # vLLM would otherwise try the hub and fail with an error that hides the local path.
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {str(path)!r} does not exist or has no config.json "
-                                    "(expected a Hugging Face causal-LM folder)")
+        path = check_model_folder(model_path, "model_path", tokenizer=False)
         check_model_len(path, rollout)  # the driver could not, if the model was not on its machine
         self.rollout = rollout
         self._rng = np.random.default_rng(seed)
@@ -154,6 +168,14 @@ class RolloutWorker:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
         self.llm.reset_prefix_cache()
 
+    def reset(self, rollout: RolloutConfig, seed: int) -> None:
+        """Become the engine a fresh build would be for a new trial: its sampling settings (call-time
+        fields only: the caller keeps the built ones equal), its seed, and no cached prefixes. The
+        weights are the learner's to push (a fresh engine starts at pi_ref, so must this one)."""
+        self.rollout = rollout
+        self._rng = np.random.default_rng(seed)
+        self.llm.collective_rpc(_seed_engine_worker, args=(seed,))
+        self.llm.reset_prefix_cache()
 
 def check_model_len(path: Path, rollout: RolloutConfig) -> None:
     """rollout.max_model_len within the model's max_position_embeddings (vLLM's own error names neither)."""

@@ -63,7 +63,8 @@ def synthetic_train_batch(vocab: int, seed: int) -> TrainBatch:
 @pytest.fixture(scope="module")
 def trained(ray_session, model_dir):
     """Run STEPS updates on two actors; return (per-rank weights, metrics, the batches used)."""
-    from workers.actors import LearnerGroup, create_placement_group
+    from workers.actors import LearnerGroup
+    from workers.engines import create_placement_group
 
     # ZeRO-2 reduces gradients at every backward, so the ranks must agree on their micro-batch count.
     config = make_config(**{"learner.zero_stage": 2, "learner.max_tokens_per_micro_batch": BUDGET})
