@@ -51,8 +51,10 @@ class Task(ABC):
         """The one definition of a valid answer: the response's answer, normalised as the scorer
         normalises it, when the response earns the full reward (>= 1, so format reward never counts);
         None otherwise. Everything that counts distinct valid answers goes through here."""
-        if self.reward(response, example) < 1.0:
-            return None
+        return self.normalized_answer(response) if self.reward(response, example) >= 1.0 else None
+
+    def normalized_answer(self, response: str) -> str | None:
+        """The response's answer of any validity in the normal form `valid_answer` uses (None: no answer)."""
         answer = self.extract_answer(response)
         return None if answer is None else self.normalize_answer(answer)
 

@@ -1,13 +1,20 @@
 """One definition of a distinct valid answer: `Task.valid_answer`, fed "ABA"/"aba"-style variants through
-every path that counts distinct valid answers (task, per-group counts, the warm start's measurement,
-`core.diversity.distinct_answers` given the normalised answers)."""
+every path that counts distinct valid answers: the task, per-group counts, the warm start's measurement
+(`policy_eval.score_samples`), the trial's RL diversity metrics (`orchestrator.trial.diversity`) and the
+coverage eval (`orchestrator.evaluation`: pass@k, coverage, novelty, entropy, distinct valid); the report
+only tabulates the metrics those two log."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from core.config import TaskConfig
 from core.diversity import distinct_answers
+from orchestrator import evaluation
+from orchestrator import trial as trial_mod
 from tasks import distinct_valid_per_group, make_task
 from tasks.palindrome import all_palindromes, valid_arrangements
 from tasks.policy_eval import score_samples
@@ -63,6 +70,38 @@ def test_every_counting_path_agrees_on_case_variants(task):
     answers = task.valid_answers(responses, examples)
     diversity = distinct_answers(answers, [x is not None for x in answers], np.repeat([0, 1], 8))
     assert diversity["diversity/distinct_valid"] == 1.5
+
+
+class ListRollout:
+    """Returns fixed response texts in the RolloutBatch layout (the one field these paths read)."""
+
+    def __init__(self, texts: list[str], n: int):
+        self.texts, self.n = texts, n
+
+    def generate(self, prompts, n, seed):
+        assert n == self.n
+        return SimpleNamespace(response_texts=self.texts, group_index=torch.arange(len(prompts)).repeat_interleave(n))
+
+
+def test_trial_and_coverage_eval_count_case_variants_once(task):
+    ex, a, b = example_with(task, 2)
+    texts = variants(a) + [f"<answer>{b.upper()}</answer>", f"<answer>{b}</answer>", "junk", ""]
+    batch = ListRollout(texts, 8).generate(["p"], 8, seed=0)
+    trial = SimpleNamespace(task=task, embed=None)
+    metrics = trial_mod.diversity(trial, batch, [ex])
+    assert metrics["diversity/distinct_valid"] == 2.0  # ABA, aba, " aba " are one answer; B, b another
+    assert metrics["diversity/distinct_answers"] == 3.0  # of any validity: a, b and "junk" (its last line)
+
+    eval_task = SimpleNamespace(eval=[ex], reward=task.reward, valid_answers=task.valid_answers)
+    answers, rewards = evaluation.sample_answers(ListRollout(texts, 8), eval_task, ["p"], 8, seed=0)
+    assert answers == [[a] * 4 + [b, b, None, None]]
+    # pi_ref said A..A and a..a (one answer, a) and nothing valid else: b is novel, a is covered
+    reference = [[task.valid_answer(f"<answer>{x}</answer>", ex) for x in (a.upper(), a)] + [None] * 6]
+    m = evaluation.coverage(answers, reference, rewards)
+    assert m["eval/distinct_valid"] == 2.0
+    assert m["eval/answer_coverage"] == 1.0 and m["eval/answer_novelty"] == 0.5
+    assert m["eval/answer_entropy"] == pytest.approx(-(4 / 6) * np.log(4 / 6) - (2 / 6) * np.log(2 / 6))
+    assert m["eval/pass_at_1"] == pytest.approx(6 / 8) and m["eval/pass_at_8"] == 1.0
 
 
 def test_all_palindromes_are_the_valid_answers():
