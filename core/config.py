@@ -26,6 +26,7 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 TASKS = ("palindrome", "deepscaler")
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("gloo", "nccl")
+WEIGHT_SYNCS = ("object_store", "collective")
 
 
 class ConfigError(ValueError):
@@ -83,6 +84,10 @@ class RolloutConfig:
     num_workers: int = _doc("Rollout actors per trial; prompts are split across them.", 1)
     cpus_per_worker: float = _doc("CPU bundle per rollout actor.", 1.0)
     gpus_per_worker: float = _doc("GPU bundle per rollout actor (0 on CPU machines).", 0.0)
+    weight_sync: str = _doc(
+        "How weights reach the rollout engines each step: 'object_store' (rank 0 -> Ray object store -> each "
+        "engine) or 'collective' (one torch.distributed group per trial: learner rank 0 broadcasts to every "
+        "engine's worker; gloo on CPU, NCCL on GPU).", "object_store")
 
 
 @dataclass(frozen=True)
@@ -286,6 +291,7 @@ def validate(c: Config) -> None:
     _one_of(t.name, TASKS, "task.name")
     _one_of(c.model.dtype, DTYPES, "model.dtype")
     _one_of(lrn.backend, BACKENDS, "learner.backend")
+    _one_of(r.weight_sync, WEIGHT_SYNCS, "rollout.weight_sync")
     _check(a.kl_coef >= 0, "algorithm.kl_coef", f"must be >= 0, got {a.kl_coef}")
     _check(a.kl_clamp >= 0, "algorithm.kl_clamp", f"must be >= 0 (0 disables), got {a.kl_clamp}")
     _check(0 < a.clip_eps < 1, "algorithm.clip_eps", f"must be in (0, 1), got {a.clip_eps}")

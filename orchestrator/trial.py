@@ -106,7 +106,7 @@ def rl_step(trial: Trial, step: int) -> dict[str, float]:
     with timer("update"):
         update = trial.learner.update(TrainBatch(batch, scores.logprobs, scores.ref_logprobs, advantages))
     with timer("sync"):
-        trial.rollout.update_weights(trial.learner.export_weights_ref())
+        trial.learner.sync_weights_to(trial.rollout)
     with timer("metrics"):
         metrics = step_metrics(trial, step, batch, scores, rewards, update)
     trial.last = {"batch": batch, "rewards": rewards}
@@ -327,7 +327,7 @@ def restore(trial: Trial, checkpoint) -> int:
     with checkpoint.as_directory() as folder:
         trial.learner.load_checkpoint(str(Path(folder) / "learner"))
         state = json.loads((Path(folder) / "trial_state.json").read_text())
-    trial.rollout.update_weights(trial.learner.export_weights_ref())
+    trial.learner.sync_weights_to(trial.rollout)
     return int(state["next_step"])
 
 

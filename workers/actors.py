@@ -29,6 +29,7 @@ from core.types import RolloutBatch, TokenScores, TrainBatch
 from workers import environment
 from workers.learner import SUMMED_METRICS, LearnerWorker, check_model_dir, free_port
 from workers.rollout import RolloutWorker
+from workers.weight_sync import CollectiveWeightSync
 
 CALL_TIMEOUT_S = 900.0  # longest a single actor call may take (a slow CPU rollout or update)
 START_TIMEOUT_S = 600.0  # actor start: model load + DeepSpeed init (JIT-compiles a comm op on first use)
@@ -126,6 +127,8 @@ class LearnerGroup:
                  reference_path: str | os.PathLike | None = None, timeout_s: float = CALL_TIMEOUT_S):
         self.config, self.timeout_s, self.world_size = config, timeout_s, config.learner.num_workers
         self.actors: list = []
+        self._weight_sync: CollectiveWeightSync | None = None  # rollout.weight_sync=collective, built lazily
+        self._weight_sync_target = None  # the RolloutGroup that group serves
         # Cheap driver-side checks first: a rank that dies in its constructor would leave the others
         # waiting in torch.distributed's rendezvous.
         policy = check_model_dir(model_path, "model_path")
@@ -188,6 +191,24 @@ class LearnerGroup:
         """Rank 0's full weights as [(HF name, CPU tensor)]."""
         return _get(self.export_weights_ref(), "learner export_weights", self.timeout_s)
 
+    def sync_weights_to(self, rollout: "RolloutGroup") -> None:
+        """Load rank 0's current weights into every engine of `rollout`, by config.rollout.weight_sync:
+        'object_store' (export -> Ray object store -> each engine's update_weights) or 'collective'
+        (the trial's process group, workers/weight_sync.py: built on the first call, closed by shutdown)."""
+        if self.config.rollout.weight_sync == "object_store":
+            rollout.update_weights(self.export_weights_ref())
+            return
+        if self._weight_sync_target is not rollout:
+            self.close_weight_sync()
+            self._weight_sync = CollectiveWeightSync(self.actors, rollout.actors, self.timeout_s)
+            self._weight_sync_target = rollout
+        self._weight_sync.sync()
+
+    def close_weight_sync(self) -> None:
+        if self._weight_sync is not None:
+            self._weight_sync.close()
+        self._weight_sync = self._weight_sync_target = None
+
     def save_checkpoint(self, directory: str | os.PathLike) -> None:
         _get([a.save_checkpoint.remote(str(directory)) for a in self.actors], "learner save", self.timeout_s)
 
@@ -195,6 +216,7 @@ class LearnerGroup:
         _get([a.load_checkpoint.remote(str(directory)) for a in self.actors], "learner load", self.timeout_s)
 
     def shutdown(self) -> None:
+        self.close_weight_sync()
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []

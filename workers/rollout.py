@@ -15,7 +15,9 @@ measures it against raw vLLM:
   - padded tensors built with one preallocated tensor per field and one masked scatter each.
 Weights are pushed in place with `collective_rpc("reload_weights")`: on CPU vLLM repacks linear weights
 at load time, so `model.load_weights` on the running model does not work, while reload_weights redoes
-the repacking.
+the repacking. Two ways in (`rollout.weight_sync`): `update_weights` takes the whole list (object-store
+path); `open_weight_sync` / `receive_weights` join the trial's process group and load the learner's
+broadcast through the worker extension `workers/vllm_extension.py`, which every engine carries.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from core.types import RolloutBatch
 # learner's recomputed log-probs differ from them only by what a stale or wrong weight sync would cause.
 # With temperature=1 and top_p=1 (klrl's on-policy default) this equals the raw policy log-probs.
 LOGPROBS_MODE = "processed_logprobs"
+WORKER_EXTENSION = "workers.vllm_extension.WeightSyncExtension"  # vLLM's worker_extension_cls
 
 
 class RolloutWorker:
@@ -43,10 +46,12 @@ class RolloutWorker:
         rollout: sampling defaults and engine resources (`RolloutConfig`).
         dtype: 'float32' or 'bfloat16' (vLLM's dtype).
         seed: engine seed, and the seed of sampling when `generate` gets no seed.
+        worker_extension_cls: qualified name of the class vLLM mixes into its workers (the receiving
+            end of the collective weight sync).
     """
 
     def __init__(self, model_path: str | os.PathLike, rollout: RolloutConfig, dtype: str = "float32",
-                 seed: int = 0):
+                 seed: int = 0, worker_extension_cls: str = WORKER_EXTENSION):
         path = Path(model_path)
         # vLLM would otherwise try the hub and fail with an error that hides the local path.
         if not (path / "config.json").is_file():
@@ -56,7 +61,8 @@ class RolloutWorker:
         self.cuda = torch.cuda.is_available()
         self._rng = np.random.default_rng(seed)
         engine_args: dict = dict(model=str(path), dtype=dtype, max_model_len=rollout.max_model_len, seed=seed,
-                                 logprobs_mode=LOGPROBS_MODE, enforce_eager=not self.cuda)
+                                 logprobs_mode=LOGPROBS_MODE, enforce_eager=not self.cuda,
+                                 worker_extension_cls=worker_extension_cls)
         if self.cuda:
             engine_args.update(gpu_memory_utilization=rollout.gpu_memory_utilization,
                                tensor_parallel_size=rollout.tensor_parallel_size,
@@ -148,6 +154,28 @@ class RolloutWorker:
         """
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
         self.llm.reset_prefix_cache()
+
+    # ------------------------------------------------- collective weight sync (workers/weight_sync.py)
+    def weight_sync_devices(self) -> list[str]:
+        """Device type ('cpu'/'cuda') of each of the engine's workers: one group rank per worker."""
+        return self.llm.collective_rpc("klrl_device_type")
+
+    def open_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
+                         metas: list, bucket_bytes: int, timeout_s: float) -> list[int]:
+        """Join the trial's weight-sync group (blocks until every member has joined); returns the ranks."""
+        return self.llm.collective_rpc("klrl_open_weight_sync", kwargs=dict(
+            host=host, port=port, rank_offset=rank_offset, world_size=world_size, backend=backend, metas=metas,
+            bucket_bytes=bucket_bytes, timeout_s=timeout_s))
+
+    def receive_weights(self) -> int:
+        """Load the learner's next broadcast; returns the bytes worker 0 received. The prefix cache is
+        dropped as in update_weights."""
+        received = self.llm.collective_rpc("klrl_receive_weights")
+        self.llm.reset_prefix_cache()
+        return int(received[0])
+
+    def close_weight_sync(self) -> None:
+        self.llm.collective_rpc("klrl_close_weight_sync")
 
     def sleep(self) -> None:
         """Release GPU memory between rollouts (GPU with rollout.enable_sleep_mode only; else a no-op)."""

@@ -39,6 +39,7 @@ BAD = [
     ("deepscaler-without-data", {"task": {"name": "deepscaler"}}, "task.data_path", "deepscaler"),
     ("unknown-task", {"task": {"name": "gsm8k"}}, "task.name", "palindrome"),
     ("top-p-zero", {"rollout": {"top_p": 0.0}}, "rollout.top_p", "(0, 1]"),
+    ("unknown-weight-sync", {"rollout": {"weight_sync": "nccl"}}, "rollout.weight_sync", "collective"),
     ("unknown-dtype", {"model": {"dtype": "fp16"}}, "model.dtype", "bfloat16"),
     ("heads-do-not-divide", {"model": {"tiny": {"num_heads": 3}}}, "model.tiny.num_heads", "hidden_size"),
 ]
@@ -62,7 +63,7 @@ GOOD = {
     "algorithm": {"kl_mode": "in_loss", "kl_estimator": "k3", "kl_coef": 0.1, "kl_clamp": 10,
                   "kl_importance_correction": True, "advantage": "grpo", "clip_eps_high": 0.28,
                   "dual_clip": 3.0, "loss_agg": "seq-mean-token-mean"},
-    "rollout": {"n_samples": 4, "temperature": 0.7},
+    "rollout": {"n_samples": 4, "temperature": 0.7, "weight_sync": "collective"},
     "learner": {"num_workers": 2, "mini_batches": 2, "zero_stage": 2, "lr": 1},
     "task": {"prompts_per_step": 4, "min_letters": 4, "max_letters": 6},
     "model": {"tiny": {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 1}},

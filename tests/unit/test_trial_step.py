@@ -55,8 +55,8 @@ class FakeLearner:
         self.train_batches.append(train_batch)
         return {"loss/policy": 0.1}
 
-    def export_weights_ref(self):
-        return "weights"
+    def sync_weights_to(self, rollout):
+        rollout.update_weights("weights")
 
 
 class FakeTask:
