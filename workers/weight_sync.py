@@ -26,7 +26,9 @@ import ray
 
 from workers.weight_transfer import check_backend
 
-BUCKET_BYTES = 64 << 20  # per broadcast; see docs/BENCHMARKS.md (weight sync) for the choice
+# Per broadcast. 4, 16 and 64 MiB measured the same within noise at 100M parameters on CPU/gloo
+# (docs/BENCHMARKS.md, weight sync); NCCL prefers fewer, larger messages.
+BUCKET_BYTES = 64 << 20
 CLOSE_TIMEOUT_S = 30.0
 FAILURE_GRACE_S = 2.0  # after a member fails, how long to wait for the others' errors
 
@@ -136,7 +138,8 @@ class CollectiveWeightSync:
         """Broadcast learner rank 0's full weights to every engine; returns the bytes each engine got."""
         if self.failed is not None:
             raise WeightSyncError(f"collective weight sync is unusable after an earlier failure: {self.failed}")
-        calls = {f"learner rank {r}": a.broadcast_weights.remote(self.bucket_bytes) for r, a in enumerate(self.learners)}
+        calls = {f"learner rank {r}": a.broadcast_weights.remote(self.bucket_bytes)
+                 for r, a in enumerate(self.learners)}
         calls.update({name: actor.receive_weights.remote() for name, actor in self._engines().items()})
         try:
             results = wait_members(calls, "sync", self.timeout_s)

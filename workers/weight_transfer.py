@@ -18,7 +18,9 @@ holding consecutive parameters in the learner's `named_parameters()` order, whic
 decoder is layer order (embeddings, layer 0, layer 1, ..., final norm, head). vLLM's layerwise reload
 processes a layer as soon as all of its tensors have arrived, so applying overlaps receiving. The
 receiver posts bucket k+1 before handing out bucket k, and the sender packs bucket k+1 while bucket k
-is on the wire, so packing, transfer and loading run side by side.
+is on the wire, so packing, transfer and loading run side by side. The bucket size (BUCKET_BYTES in
+workers/weight_sync.py) bounds the extra memory on both ends: two buffers on the sender, and on a
+receiver the buckets still referenced by layers vLLM has not completed.
 """
 from __future__ import annotations
 
@@ -144,30 +146,38 @@ class WeightSender:
     def join(self, world_size: int, backend: str, device: torch.device) -> None:
         self.group = open_group(self.store, 0, world_size, backend, self.timeout)
         self.backend, self.device = backend, buffer_device(backend, device)
+        self._buffers = [torch.empty(0, dtype=torch.uint8, device=self.device) for _ in range(2)]
 
     def send(self, buckets: Iterable[tuple[Bucket, list[torch.Tensor]]]) -> int:
-        """Broadcast each (bucket, its tensors) in turn; returns the bytes sent. Bucket k+1 is packed
-        while bucket k is on the wire; each buffer is waited for before it is packed again."""
+        """Broadcast each (bucket, its tensors) in turn; returns the bytes sent. Two wire buffers are
+        kept for the group's life and alternate: bucket k+1 is packed into one while bucket k is on
+        the wire from the other, which is waited for before it is packed again."""
         if self.group is None:
             raise RuntimeError("weight sender: join() the group before sending")
-        in_flight: list = []  # at most two (buffer, work) pairs
+        in_flight: list = []  # works of the last two buckets, oldest first
         sent = 0
-        for bucket, tensors in buckets:
-            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
+        for k, (bucket, tensors) in enumerate(buckets):
+            buffer = self._buffer(k % 2, bucket.nbytes)
             for view, tensor in zip(bucket.views(buffer), tensors):
                 view.copy_(tensor.detach())
-            in_flight.append((buffer, self.group.broadcast(buffer, 0)))
+            in_flight.append(self.group.broadcast(buffer, 0))
             if len(in_flight) == 2:
-                in_flight.pop(0)[1].wait()
+                in_flight.pop(0).wait()
             sent += bucket.nbytes
-        for _, work in in_flight:
+        for work in in_flight:
             work.wait()
         return sent
+
+    def _buffer(self, slot: int, nbytes: int) -> torch.Tensor:
+        if self._buffers[slot].numel() < nbytes:
+            self._buffers[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._buffers[slot][:nbytes]
 
     def close(self) -> None:
         if self.group is not None:
             self.group.shutdown()
         self.group = self.store = None
+        self._buffers = []
 
 
 class WeightReceiver:
