@@ -19,8 +19,8 @@ modes alternate round by round on the same actors, so their ratio is measured un
   parameter): there it is the 100m step scaled by the parameter count, marked as an estimate.
 - GB/s is the payload (one copy of the weights) over the sync's wall time; with 2 engines the
   learner sends it twice. Memory (MemoryWatch) is the summed PSS of the driver and all Ray processes
-  over its value before the configuration's actors start, sampled every 0.2 s; a configuration is
-  stopped (its actors killed) when it passes --max-gib.
+  over its value before the configuration's actors start, sampled every --sample-s; a configuration
+  is stopped (its actors killed) when it passes --max-gib, and the record says when and who held what.
 
 The learner's frozen reference is a 1-layer model with the same vocabulary: the sync never touches it,
 and a full-size copy would only take memory from the configurations that can be measured.
@@ -55,34 +55,41 @@ PROMPTS = ["<|user|>" + "abcdefgh"[: 4 + i % 4] + "<|end|><|assistant|>" for i i
 class MemoryWatch:
     """Peak of the memory this benchmark's processes hold, over what they held at the start, in GiB:
     the summed PSS (shared pages split among their users, so the object store's shared memory counts
-    once) of this driver and every process below it (Ray's raylet with its object store, the actors).
-    Kills `victims` past `limit_gib`."""
+    once) of this driver and every process below it (Ray's raylet with its object store, the actors),
+    with the per-process split at the peak. Kills `victims` past `limit_gib`. PSS walks each process's
+    page tables, so it is sampled every `every_s` seconds only (more often slows the actors down)."""
 
-    def __init__(self, limit_gib: float):
+    def __init__(self, limit_gib: float, every_s: float):
         import psutil
 
-        self.psutil, self.limit, self.peak, self.tripped = psutil, limit_gib, 0.0, False
+        self.psutil, self.limit, self.every_s, self.tripped = psutil, limit_gib, every_s, False
         self.victims: list = []
-        self.baseline = self._held()
+        self.phase = "start-up"  # what the benchmark is doing, for the record of a stopped configuration
+        self.baseline, _ = self._held()
+        self.peak, self.split, self.peak_phase = 0.0, {}, self.phase
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _held(self) -> float:
+    def _held(self) -> tuple[float, dict[str, float]]:
         me = self.psutil.Process()
-        total = 0
+        split: dict[str, float] = {}
         for process in [me, *me.children(recursive=True)]:
             try:
-                total += process.memory_full_info().pss
+                name = process.name().split(".")[0].removeprefix("ray::")
+                split[name] = split.get(name, 0.0) + process.memory_full_info().pss / 2**30
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
                 continue
-        return total / 2**30
+        return sum(split.values()), split
 
     def _run(self) -> None:
         import ray
 
-        while not self._stop.wait(0.2):
-            self.peak = max(self.peak, self._held() - self.baseline)
+        while not self._stop.wait(self.every_s):
+            held, split = self._held()
+            if held - self.baseline > self.peak:
+                self.peak, self.peak_phase = held - self.baseline, self.phase
+                self.split = {k: round(v, 2) for k, v in sorted(split.items(), key=lambda kv: -kv[1]) if v > 0.1}
             if self.peak > self.limit and not self.tripped:
                 self.tripped = True
                 for actor in self.victims:
@@ -157,7 +164,7 @@ def step_seconds(learner, engine) -> float:
 
 
 def measure_engines(learner, engines: list, args, payload: int) -> dict:
-    """Both modes on these engines, alternating; medians, GB/s and the object-store split."""
+    """args.modes on these engines, alternating round by round; medians, GB/s and the splits."""
     import ray
 
     from workers.weight_sync import CollectiveWeightSync
@@ -165,28 +172,30 @@ def measure_engines(learner, engines: list, args, payload: int) -> dict:
     setup_s = time.perf_counter()
     group = CollectiveWeightSync(learner.actors, engines, timeout_s=args.timeout, bucket_bytes=args.bucket_mib << 20)
     setup_s = time.perf_counter() - setup_s
-    seconds = {"object_store": [], "collective": []}
+    run = {"object_store": lambda: object_store_sync(learner, engines, args.timeout), "collective": group.sync}
+    seconds: dict[str, list[float]] = {mode: [] for mode in args.modes}
     try:
         for i in range(args.warmup + args.repeats):
-            os_s = timed(lambda: object_store_sync(learner, engines, args.timeout))
-            co_s = timed(group.sync)
-            if i >= args.warmup:
-                seconds["object_store"].append(os_s)
-                seconds["collective"].append(co_s)
+            for mode in args.modes:
+                elapsed = timed(run[mode])
+                if i >= args.warmup:
+                    seconds[mode].append(elapsed)
         transport_s = transport_seconds(learner, engines, group.bucket_bytes, args.timeout)
     finally:
         group.close()
-    ref = learner.export_weights_ref()
-    fetch_s, apply_s = ray.get(engines[0].__ray_call__.remote(fetch_then_apply, [ref]), timeout=args.timeout)
-    del ref
-    out = {"collective_setup_s": round(setup_s, 3), "object_store_fetch_s": round(fetch_s, 3),
-           "vllm_apply_s": round(apply_s, 3), "collective_transport_s": round(transport_s, 3),
-           "bucket_mib": args.bucket_mib}
+    out = {"bucket_mib": args.bucket_mib, "collective_setup_s": round(setup_s, 3),
+           "collective_transport_s": round(transport_s, 3)}
+    if "object_store" in args.modes:
+        ref = learner.export_weights_ref()
+        fetch_s, apply_s = ray.get(engines[0].__ray_call__.remote(fetch_then_apply, [ref]), timeout=args.timeout)
+        del ref
+        out.update(object_store_fetch_s=round(fetch_s, 3), vllm_apply_s=round(apply_s, 3))
     for mode, values in seconds.items():
         median = statistics.median(values)
         out[f"{mode}_s"] = round(median, 3)
         out[f"{mode}_gbps"] = round(payload / median / 1e9, 3)
-    out["speedup"] = round(out["object_store_s"] / out["collective_s"], 2)
+    if len(seconds) == 2:
+        out["speedup"] = round(out["object_store_s"] / out["collective_s"], 2)
     return out
 
 
@@ -203,7 +212,7 @@ def bench(size: str, dtype: str, args, reference: Path) -> list[dict]:
         "rollout.max_model_len": 128, "rollout.max_new_tokens": 12, "rollout.n_samples": 8,
         "task.prompts_per_step": 8, "learner.micro_batch_size": 16})
     one = config.replace(**{"rollout.num_workers": 1})
-    watch = MemoryWatch(args.max_gib)
+    watch = MemoryWatch(args.max_gib, args.sample_s)
     pg = create_placement_group(config)
     learner, groups, rows, step_s = None, [], [], None
     base = {"size": size, "dtype": dtype}
@@ -217,18 +226,21 @@ def bench(size: str, dtype: str, args, reference: Path) -> list[dict]:
         base.update(parameters=params, payload_gb=round(payload / 1e9, 3))
         for n in sorted(args.engines):
             while len(groups) < n:
+                watch.phase = f"start of engine {len(groups)}"
                 groups.append(RolloutGroup(folder, one, pg, first_bundle=rollout_bundle(config, len(groups))))
                 watch.victims += groups[-1].actors
             engines = [a for g in groups for a in g.actors]
+            watch.phase = f"syncs to {n} engine(s)"
             row = {**base, "engines": n, **measure_engines(learner, engines, args, payload)}
             if step_s is None and size not in NO_STEP and not args.no_step:
+                watch.phase = "step"
                 step_s = step_seconds(learner, engines[0])
             rows.append(row)
             print(json.dumps({**row, "peak_gib_so_far": round(watch.peak, 2)}), flush=True)
     except Exception as error:  # a configuration that does not fit is recorded, not fatal
-        reason = (f"memory over {args.max_gib} GiB (actors killed)" if watch.tripped
-                  else f"{type(error).__name__}: {error}")
-        rows.append({**base, "engines": "-", "dropped": reason.splitlines()[0][:300]})
+        reason = (f"memory over {args.max_gib} GiB during {watch.peak_phase} (actors killed); GiB held at the "
+                  f"peak by process: {watch.split}" if watch.tripped else f"{type(error).__name__}: {error}")
+        rows.append({**base, "engines": "-", "dropped": reason.splitlines()[0][:400]})
     finally:
         for g in groups:
             g.shutdown()
@@ -256,7 +268,8 @@ def add_step_shares(rows: list[dict]) -> None:
             row["step_estimated"] = True
         if "step_s" in row:
             for mode in ("object_store", "collective"):
-                row[f"{mode}_share"] = round(row[f"{mode}_s"] / (row["step_s"] + row[f"{mode}_s"]), 3)
+                if f"{mode}_s" in row:
+                    row[f"{mode}_share"] = round(row[f"{mode}_s"] / (row["step_s"] + row[f"{mode}_s"]), 3)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -269,14 +282,17 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"| {r['size']} | {r['dtype']} | - | {r.get('payload_gb', '-')} | dropped: {r['dropped']} "
                          f"| | | | | | | | {r['peak_gib']} |")
             continue
+
+        def get(key: str, fmt: str = "{}") -> str:
+            return fmt.format(r[key]) if key in r else "-"
+
         step = f"{r['step_s']}{' (est.)' if r.get('step_estimated') else ''}" if "step_s" in r else "-"
-        share = f"{r['object_store_share']:.1%} / {r['collective_share']:.1%}" if "step_s" in r else "-"
         lines.append(
-            f"| {r['size']} | {r['dtype']} | {r['engines']} | {r['payload_gb']} | {r['object_store_s']} "
-            f"({r['object_store_gbps']}) | {r['collective_s']} ({r['collective_gbps']}) | {r['speedup']}x | "
-            f"{r['collective_setup_s']} | {r['collective_transport_s']} | {r['object_store_fetch_s']} / "
-            f"{r['vllm_apply_s']} | {step} | {share} | "
-            f"{r['peak_gib']} |")
+            f"| {r['size']} | {r['dtype']} | {r['engines']} | {r['payload_gb']} | {get('object_store_s')} "
+            f"({get('object_store_gbps')}) | {get('collective_s')} ({get('collective_gbps')}) | "
+            f"{get('speedup', '{}x')} | {r['collective_setup_s']} | {r['collective_transport_s']} | "
+            f"{get('object_store_fetch_s')} / {get('vllm_apply_s')} | {step} | "
+            f"{get('object_store_share', '{:.1%}')} / {get('collective_share', '{:.1%}')} | {r['peak_gib']} |")
     return "\n".join(lines)
 
 
@@ -285,12 +301,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="+", choices=list(SHAPES), default=["1m", "25m", "100m"])
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
     parser.add_argument("--engines", nargs="+", type=int, choices=[1, 2], default=[1, 2])
+    parser.add_argument("--modes", nargs="+", choices=["object_store", "collective"],
+                        default=["object_store", "collective"])
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bucket-mib", type=int, default=64, help="collective bucket size")
     parser.add_argument("--timeout", type=float, default=600.0, help="per call, seconds")
     parser.add_argument("--max-gib", type=float, default=10.0, help="stop a configuration past this memory")
     parser.add_argument("--no-step", action="store_true", help="skip the step measurement")
+    parser.add_argument("--sample-s", type=float, default=1.0, help="memory sampling interval")
     parser.add_argument("--json", default=None, help="append the rows to this .jsonl file")
     parser.add_argument("--out", default=None, help="where random-weight model folders are cached")
     args = parser.parse_args(argv)

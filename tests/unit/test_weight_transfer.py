@@ -11,7 +11,15 @@ import psutil
 import pytest
 import torch
 
-from workers.weight_transfer import ALIGN, TensorMeta, WeightReceiver, WeightSender, open_group, plan_buckets, tensor_meta
+from workers.weight_transfer import (
+    ALIGN,
+    TensorMeta,
+    WeightReceiver,
+    WeightSender,
+    open_group,
+    plan_buckets,
+    tensor_meta,
+)
 
 TIMEOUT_S = 30.0
 
