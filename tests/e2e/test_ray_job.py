@@ -10,62 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from e2e_helpers import ROOT, SMOKE, free_port, trial_runs
+from e2e_helpers import SMOKE, kill_head, processes_under, ray_cli, start_ray_head, trial_runs
 
 from workers import environment
 
-RAY = str(Path(sys.executable).with_name("ray"))
 JOB_TIMEOUT_S = 420
-
-
-def ray_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def processes_under(marker: str) -> list[int]:
-    """Pids whose command line mentions `marker` (this head's unique temp dir)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
-
-
-def kill_head(marker: str) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        pids = processes_under(marker)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while processes_under(marker) and time.monotonic() < deadline:
-            time.sleep(0.5)
 
 
 def test_ray_job_submit_runs_the_smoke_study(short_run_dir):
     temp_dir = environment.ray_temp_dir(short_run_dir)  # a short link when the checkout's path is long
-    dash = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    start = ray_cli("start", "--head", "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
-                    "--dashboard-port", str(dash), "--num-cpus", "2", "--temp-dir", str(temp_dir),
-                    "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-                    "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(free_port()),
-                    "--runtime-env-agent-port", str(free_port()), "--disable-usage-stats", env=env)
+    start, _, dash = start_ray_head(temp_dir, env, "--num-cpus", "2")
     try:
         assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
         address = f"http://127.0.0.1:{dash}"

@@ -7,10 +7,12 @@ again. A sync that is skipped, drops a tensor, misnames one (e.g. qkv fusion) or
 breaks the last check. The tiny policy's output layer is scaled up so per-token distributions are
 peaked and a stale weight moves log-probs by far more than the 1e-4 tolerance.
 
-Each mode runs one update -> stale -> sync round on the same actors (object_store first, so the
-collective round starts from engines that the object-store sync brought level with the learner).
-The collective group is then set up and torn down 10 more times (nothing may leak), and last a
-rollout engine is killed during a sync (the sync must fail fast with an error naming it).
+Each mode is one trial on the same engines, as the engine pool runs them: object_store on fresh
+engines, then collective on the same engines reset for a new trial (the reset pushes pi_ref through a
+new group, so its "initial" agreement is already a collective sync), each trial one
+update -> stale -> sync round. Ten more trials' worth of group set-up, sync and teardown follow
+(nothing may leak), and last a rollout engine is killed during a sync (the sync must fail fast with an
+error naming it).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def config() -> Config:
     return Config().replace(**{
         "learner.lr": 1e-4, "learner.micro_batch_size": 8, "rollout.n_samples": N, "task.prompts_per_step": 4,
         "rollout.max_new_tokens": 12, "rollout.max_model_len": 128, "rollout.num_workers": 2,
-        "rollout.cpus_per_worker": 0.5, "rollout.weight_sync": "collective"})
+        "rollout.cpus_per_worker": 0.5})
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +60,20 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def actors(ray_session, config, model_dir):
-    """(LearnerGroup, RolloutGroup with 2 engines), started side by side as a trial starts them."""
-    from orchestrator.trial import start_actors
-    from workers.actors import create_placement_group
+def engines(ray_session, config, model_dir):
+    """A learner and 2 rollout engines, started side by side as a trial starts them (workers/engines.py)."""
+    from workers.engines import create_placement_group, start_engines
 
     pg = create_placement_group(config)
-    learner, rollout = start_actors(model_dir, config, pg)
-    yield learner, rollout
-    rollout.shutdown()
-    learner.shutdown()
+    engines = start_engines(model_dir, config.replace(**{"rollout.weight_sync": MODES[0]}), pg)
+    yield engines
+    engines.shutdown()
     ray_session.util.remove_placement_group(pg)
+
+
+@pytest.fixture(scope="module")
+def actors(engines):
+    return engines.learner, engines.rollout
 
 
 def gap(scores, batch) -> float:
@@ -76,19 +81,15 @@ def gap(scores, batch) -> float:
     return float((scores.logprobs - batch.sampler_logprobs)[batch.response_mask].abs().max())
 
 
-def sync(learner, rollout, mode: str) -> None:
-    if mode == "object_store":
-        rollout.update_weights(learner.export_weights_ref())
-    else:
-        learner.sync_weights_to(rollout)  # the config says collective
-
-
 @pytest.fixture(scope="module")
-def run(actors):
-    """Per mode: rollout -> score -> update -> stale rollout -> sync -> fresh rollout, all measured."""
-    learner, rollout = actors
+def run(engines, config):
+    """Per mode, one trial: rollout -> score -> update -> stale rollout -> sync -> fresh rollout, all measured."""
+    learner, rollout = engines.learner, engines.rollout
     results = {}
     for k, mode in enumerate(MODES):
+        if k:  # the next trial on the same engines, as EnginePool.acquire runs it
+            engines.end_trial()
+            engines.reset(config.replace(**{"rollout.weight_sync": mode}))
         batch = rollout.generate(PROMPTS, N, seed=1 + 10 * k)
         before = learner.score(batch)
         # +1 for even rows, -1 for odd ones: every group holds both signs.
@@ -98,7 +99,7 @@ def run(actors):
         after = learner.score(batch)
         stale = rollout.generate(PROMPTS, N, seed=2 + 10 * k)
         stale_scores = learner.score(stale)
-        sync(learner, rollout, mode)
+        learner.sync_weights_to(rollout)
         fresh = rollout.generate(PROMPTS, N, seed=2 + 10 * k)
         fresh_scores = learner.score(fresh)
         gaps = {"initial": gap(before, batch), "stale": gap(stale_scores, stale), "synced": gap(fresh_scores, fresh)}
@@ -129,8 +130,8 @@ def test_ppo_step_raises_logprob_of_positive_advantage(run, mode):
 
 def test_collective_sync_went_through_the_group(run, actors):
     learner, _ = actors
-    group = learner._weight_sync
-    assert group.backend == "gloo" and group.world_size == 3  # learner rank 0 + one worker per engine
+    group = learner.weight_sync_group(actors[1])  # the collective trial's group (no new one is built)
+    assert group is learner._weight_sync and group.backend == "gloo" and group.world_size == 3  # learner rank 0 + one worker per engine
     # Every engine received every byte of the policy (plus alignment padding, < 16 bytes per tensor).
     assert set(group.last_received) == {"rollout engine 0", "rollout engine 1"}
     assert all(0 <= got - group.total_bytes < 16 * 64 for got in group.last_received.values())
@@ -149,26 +150,26 @@ def census_function():
     return census
 
 
-def test_ten_set_ups_and_teardowns_leak_no_ports_or_threads(run, actors):
+def test_ten_trials_of_groups_leak_no_ports_or_threads(run, engines):
+    """Ten trials' worth of the group's life on reused engines: built at the trial's first sync, torn down
+    when the trial ends (EnginePool.release -> Engines.end_trial)."""
     import ray
 
-    from workers.weight_sync import CollectiveWeightSync
-
-    learner, rollout = actors
+    learner, rollout = engines.learner, engines.rollout
     members = [learner.actors[0], *rollout.actors]
     of_process = census_function()
 
     def census() -> list:
         return [ray.get(m.__ray_call__.remote(of_process), timeout=60) for m in members] + [of_process()]
 
-    learner.close_weight_sync()  # the group the `run` fixture used
+    engines.end_trial()  # the collective trial of the `run` fixture ends
     before = census()
     for cycle in range(10):
-        group = CollectiveWeightSync(learner.actors, rollout.actors, timeout_s=60)
-        group.sync()
+        learner.sync_weights_to(rollout)
         if cycle == 0:
             during = census()
-        group.close()
+        engines.end_trial()
+    assert learner._weight_sync is None
     after = census()
     assert after == before, f"before {before}\nafter  {after}"
     # Control: an open group is visible to the census (the store's and gloo's listening sockets, the
@@ -183,10 +184,11 @@ def test_engine_dying_mid_sync_fails_fast_naming_it(run, actors):
     is started, and the engine is killed while the learner's broadcast waits on it."""
     import ray
 
-    from workers.weight_sync import CollectiveWeightSync, WeightSyncError
+    from workers.weight_sync import WeightSyncError
 
     learner, rollout = actors
-    group = CollectiveWeightSync(learner.actors, rollout.actors, timeout_s=FAULT_TIMEOUT_S)
+    learner.timeout_s = FAULT_TIMEOUT_S  # the call timeout, and every member's collective timeout
+    learner.sync_weights_to(rollout)  # a working group first
     victim = ray.get(rollout.actors[1].__ray_call__.remote(lambda _: os.getpid()))
     os.kill(victim, signal.SIGSTOP)
     killer = threading.Timer(2.0, os.kill, (victim, signal.SIGKILL))
@@ -194,12 +196,12 @@ def test_engine_dying_mid_sync_fails_fast_naming_it(run, actors):
     start = time.monotonic()
     try:
         with pytest.raises(WeightSyncError, match=r"collective weight sync failed: rollout engine 1: its actor died"):
-            group.sync()
+            learner.sync_weights_to(rollout)
     finally:
         killer.join()
     assert time.monotonic() - start < FAULT_TIMEOUT_S / 2
     with pytest.raises(WeightSyncError, match="unusable after an earlier failure"):
-        group.sync()
-    group.close()
+        learner.sync_weights_to(rollout)
+    learner.close_weight_sync()
     # Nothing is left hanging: learner rank 0 answers again (its own collective gives up by timeout_s).
     assert ray.get(learner.actors[0].ping.remote(), timeout=FAULT_TIMEOUT_S + 30) == 0
