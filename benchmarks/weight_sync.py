@@ -22,12 +22,14 @@ modes alternate round by round on the same actors, so their ratio is measured un
   over its value before the configuration's actors start, sampled every --sample-s; a configuration
   is stopped (its actors killed) when it passes --max-gib, and the record says when and who held what.
 
-The learner's frozen reference is a 1-layer model with the same vocabulary: the sync never touches it,
-and a full-size copy would only take memory from the configurations that can be measured.
+The learner's frozen reference is the policy's shape cut to 1 layer (the learner's KL needs the same
+vocabulary and hidden size): the sync never touches it, and a full-size copy would only take memory
+from the configurations that can be measured.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -199,14 +201,16 @@ def measure_engines(learner, engines: list, args, payload: int) -> dict:
     return out
 
 
-def bench(size: str, dtype: str, args, reference: Path) -> list[dict]:
+def bench(size: str, dtype: str, args) -> list[dict]:
     """Rows for engine counts args.engines (ascending), one learner, engines started as needed."""
     import ray
 
     from core.config import Config
-    from workers.actors import LearnerGroup, RolloutGroup, create_placement_group, rollout_bundle
+    from workers.actors import LearnerGroup, RolloutGroup
+    from workers.engines import create_placement_group
 
     folder = build_model(size, SHAPES[size], Path(args.out), dtype)
+    reference = build_model(f"{size}-ref", dataclasses.replace(SHAPES[size], layers=1), Path(args.out), dtype)
     config = Config().replace(**{
         "model.dtype": dtype, "rollout.num_workers": max(args.engines), "rollout.cpus_per_worker": 0.5,
         "rollout.max_model_len": 128, "rollout.max_new_tokens": 12, "rollout.n_samples": 8,
@@ -227,7 +231,7 @@ def bench(size: str, dtype: str, args, reference: Path) -> list[dict]:
         for n in sorted(args.engines):
             while len(groups) < n:
                 watch.phase = f"start of engine {len(groups)}"
-                groups.append(RolloutGroup(folder, one, pg, first_bundle=rollout_bundle(config, len(groups))))
+                groups.append(RolloutGroup(folder, one, pg, first_bundle=config.learner.num_workers + len(groups)))
                 watch.victims += groups[-1].actors
             engines = [a for g in groups for a in g.actors]
             watch.phase = f"syncs to {n} engine(s)"
@@ -325,9 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     try:
         for dtype in args.dtypes:
-            reference = build_model("1m-ref", Shape(128, 1, 4, 2, 384), Path(args.out), dtype)
             for size in args.sizes:
-                rows += bench(size, dtype, args, reference)
+                rows += bench(size, dtype, args)
     finally:
         ray.shutdown()
     add_step_shares(rows)

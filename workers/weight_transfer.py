@@ -25,6 +25,8 @@ receiver the buckets still referenced by layers vLLM has not completed.
 from __future__ import annotations
 
 import math
+import os
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -106,17 +108,38 @@ def buffer_device(backend: str, device: torch.device) -> torch.device:
     return torch.device("cpu") if backend == "gloo" else device
 
 
-def open_group(store: TCPStore, rank: int, world_size: int, backend: str, timeout: timedelta) -> ProcessGroup:
+def local_address(peer_host: str) -> str:
+    """The IP of this machine's interface that routes to `peer_host` (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((peer_host, 9))
+        return probe.getsockname()[0]
+
+
+def _gloo(store, rank: int, world_size: int, timeout: timedelta, local_host: str | None):
+    """Gloo bound to `local_host`'s interface. Left to itself gloo binds to what the hostname resolves
+    to, which on many hosts is 127.0.1.1 (/etc/hosts): fine on one node, unreachable from another.
+    GLOO_SOCKET_IFNAME, when set, still decides (the operator knows the network)."""
+    from torch.distributed.distributed_c10d import ProcessGroupGloo
+
+    if local_host is None or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return ProcessGroupGloo(store, rank, world_size, timeout)
+    options = ProcessGroupGloo._Options()
+    options._timeout = timeout
+    options._devices = [ProcessGroupGloo.create_device(hostname=local_host)]
+    return ProcessGroupGloo(store, rank, world_size, options)
+
+
+def open_group(store: TCPStore, rank: int, world_size: int, backend: str, timeout: timedelta,
+               local_host: str | None = None) -> ProcessGroup:
     """A ProcessGroup over `store` that is not registered with torch.distributed (the same construction
     as vLLM's `stateless_init_torch_distributed_process_group`). Blocks until all world_size ranks have
-    joined, or raises after `timeout`; every later collective also fails after `timeout`."""
+    joined, or raises after `timeout`; every later collective also fails after `timeout`. `local_host`:
+    the address gloo listens on for its peers (this member's side of the route between the nodes)."""
     check_backend(backend)
     prefix = PrefixStore(STORE_PREFIX, store)
     group = ProcessGroup(prefix, rank, world_size)
     if backend == "gloo":
-        from torch.distributed.distributed_c10d import ProcessGroupGloo
-
-        impl, kind, device = ProcessGroupGloo(prefix, rank, world_size, timeout), ProcessGroup.BackendType.GLOO, "cpu"
+        impl, kind, device = _gloo(prefix, rank, world_size, timeout, local_host), ProcessGroup.BackendType.GLOO, "cpu"
     else:
         from torch.distributed.distributed_c10d import ProcessGroupNCCL
 
@@ -137,14 +160,14 @@ class WeightSender:
     """
 
     def __init__(self, host: str, timeout_s: float):
-        self.timeout = timedelta(seconds=timeout_s)
+        self.timeout, self.host = timedelta(seconds=timeout_s), host
         self.store: TCPStore | None = TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=self.timeout)
         self.port = self.store.port
         self.group: ProcessGroup | None = None
         self.backend = ""
 
     def join(self, world_size: int, backend: str, device: torch.device) -> None:
-        self.group = open_group(self.store, 0, world_size, backend, self.timeout)
+        self.group = open_group(self.store, 0, world_size, backend, self.timeout, local_host=self.host)
         self.backend, self.device = backend, buffer_device(backend, device)
         self._buffers = [torch.empty(0, dtype=torch.uint8, device=self.device) for _ in range(2)]
 
@@ -189,7 +212,8 @@ class WeightReceiver:
         self.plan = plan_buckets(metas, bucket_bytes)
         self.device = buffer_device(backend, device)
         self.store: TCPStore | None = TCPStore(host, port, is_master=False, timeout=timeout)
-        self.group: ProcessGroup | None = open_group(self.store, rank, world_size, backend, timeout)
+        self.group: ProcessGroup | None = open_group(self.store, rank, world_size, backend, timeout,
+                                                     local_host=local_address(host))
         self.bytes_received = 0
 
     def _post(self, bucket: Bucket) -> tuple[torch.Tensor, object]:
