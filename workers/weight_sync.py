@@ -152,9 +152,11 @@ class CollectiveWeightSync:
     def close(self) -> None:
         """Every member leaves the group; idempotent and best effort (it never raises): dead members are
         skipped, and one stuck in a collective is not waited for beyond CLOSE_TIMEOUT_S (its collective
-        gives up after timeout_s, and the trial kills the actors anyway)."""
+        gives up after timeout_s, and the trial kills the actors anyway). After a failed sync the members'
+        close calls queue behind their stuck collectives, so they get a moment only."""
         if not self._joined:
             return
         self._joined = False
         refs = [self.learners[0].close_weight_sync.remote()] + [a.close_weight_sync.remote() for a in self.rollouts]
-        ray.wait(refs, num_returns=len(refs), timeout=min(self.timeout_s, CLOSE_TIMEOUT_S))
+        wait_s = FAILURE_GRACE_S if self.failed is not None else min(self.timeout_s, CLOSE_TIMEOUT_S)
+        ray.wait(refs, num_returns=len(refs), timeout=wait_s)

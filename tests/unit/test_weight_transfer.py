@@ -16,6 +16,7 @@ from workers.weight_transfer import (
     TensorMeta,
     WeightReceiver,
     WeightSender,
+    local_address,
     open_group,
     plan_buckets,
     tensor_meta,
@@ -66,17 +67,17 @@ def test_unknown_backend_refused():
 
 
 def run_group(bucket_bytes: int, syncs: list[list[tuple[str, torch.Tensor]]], receivers: int = 2,
-              close: bool = True, keep: list | None = None) -> list:
+              close: bool = True, keep: list | None = None, host: str = "127.0.0.1") -> list:
     """Sender + `receivers` receivers in threads; each sync's tensors as every receiver got them (cloned).
     The ends are appended to `keep`, so that only close() can free what they hold."""
     keep = [] if keep is None else keep
-    sender = WeightSender("127.0.0.1", TIMEOUT_S)
+    sender = WeightSender(host, TIMEOUT_S)
     keep.append(sender)
     metas = [tensor_meta(n, t) for n, t in syncs[0]]
     world = receivers + 1
 
     def receiver_side(rank: int):
-        r = WeightReceiver("127.0.0.1", sender.port, rank, world, "gloo", metas, bucket_bytes, TIMEOUT_S,
+        r = WeightReceiver(host, sender.port, rank, world, "gloo", metas, bucket_bytes, TIMEOUT_S,
                            torch.device("cpu"))
         keep.append(r)
         got = [[(name, t.clone()) for name, t in r.receive()] for _ in syncs]
@@ -109,6 +110,26 @@ def test_every_receiver_gets_every_tensor_bit_exact(bucket_bytes):
             assert [n for n, _ in arrived] == [n for n, _ in sent]
             for (_, a), (_, b) in zip(arrived, sent):
                 assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route, or None when it has only loopback."""
+    try:
+        address = local_address("192.0.2.1")  # TEST-NET-1: never routed anywhere, only looked up
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+def test_group_on_a_routable_address():
+    """As across nodes: the store and gloo on the address other nodes reach this one at (gloo left to
+    itself binds to what the hostname resolves to, often 127.0.1.1, and only works within the node)."""
+    host = non_loopback_address()
+    if host is None:
+        pytest.skip("no non-loopback interface on this machine")
+    syncs = [weights(5)]
+    for got, _ in run_group(1 << 20, syncs, receivers=2, host=host):
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got[0], syncs[0]))
 
 
 def test_closed_groups_leave_no_threads_or_sockets():
