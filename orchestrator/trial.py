@@ -195,6 +195,7 @@ def train(tune_config: dict, setup: TrialSetup) -> None:
     """Tune function trainable: build, (restore,) loop over steps, report, checkpoint, track."""
     from ray import tune
 
+    from orchestrator.naming import long_trial_name, short_trial_name
     from orchestrator.tracking import make_tracker
 
     study = setup.study
@@ -202,8 +203,8 @@ def train(tune_config: dict, setup: TrialSetup) -> None:
     config = study.trial_config(labels, sampled).replace(**{"run.run_dir": setup.run_dir})
     context = tune.get_context()
     tracker = make_tracker(setup.tracking_uri)
-    run_id = _open_child_run(tracker, setup, config, context, study.trial_name(labels),
-                             study.trial_overrides(labels, sampled))
+    run_id = _open_child_run(tracker, setup, config, context, short_trial_name(study, labels, sampled),
+                             study.trial_overrides(labels, sampled), long_trial_name(study, labels, sampled))
     status, trial = "FAILED", None
     try:
         t0 = time.perf_counter()
@@ -331,7 +332,8 @@ def restore(trial: Trial, checkpoint) -> int:
     return int(state["next_step"])
 
 
-def _open_child_run(tracker, setup: TrialSetup, config: Config, context, name: str, overrides: dict) -> str:
+def _open_child_run(tracker, setup: TrialSetup, config: Config, context, name: str, overrides: dict,
+                    long_name: str = "") -> str:
     """This trial's nested MLflow run; a restarted or resumed trial reopens the run it had."""
     import yaml
 
@@ -344,7 +346,8 @@ def _open_child_run(tracker, setup: TrialSetup, config: Config, context, name: s
         tracker.reopen(run_id)
         return run_id
     a = config.algorithm
-    tags = {**key, STUDY_TAG: setup.study.name, ROLE_TAG: "trial", "kl_mode": a.kl_mode, "kl_estimator": a.kl_estimator,
+    tags = {**key, STUDY_TAG: setup.study.name, ROLE_TAG: "trial", "kl_mode": a.kl_mode,
+            "kl_estimator": a.kl_estimator if a.kl_mode != "none" else "-", "klrl.long_name": long_name or name,
             "seed": str(config.run.seed), "task": config.task.name, "git_commit": setup.git_commit,
             "mlflow.source.git.commit": setup.git_commit, "klrl.trial_name": context.get_trial_name() or name,
             **{f"axis.{k}": str(v) for k, v in overrides.items()}}
