@@ -178,7 +178,10 @@ def open_study_runs(study: Study, run_dir: Path, uri: str, resume: bool, storage
 def build_tuner(study: Study, setup: TrialSetup, storage: str, resume: bool):
     from ray import tune
 
+    from orchestrator.progress import StartEndReporter, StudyProgress, quiet_tune_output
     from workers.actors import bundles_for
+
+    quiet_tune_output()
 
     def resources(tune_config: dict):
         config = study.trial_config(tune_config.get("grid", {}), tune_config.get("search", {}))
@@ -192,12 +195,13 @@ def build_tuner(study: Study, setup: TrialSetup, storage: str, resume: bool):
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     axis_columns = {f"grid/{a.name}": a.name for a in study.axes}
     axis_columns.update({f"search/{k}": k.rsplit(".", 1)[1] for k in (study.optuna or {}).get("params", {})})
-    reporter = tune.CLIReporter(
+    reporter = StartEndReporter(
         metric_columns={"step": "step", "reward/mean": "reward", "kl/k1_mean": "kl_k1",
                         "entropy/token_mean": "entropy", "time/step_s": "step_s"},
-        parameter_columns=axis_columns, max_report_frequency=15, sort_by_metric=False)
+        parameter_columns=axis_columns, sort_by_metric=False)
     run_config = tune.RunConfig(
         name=study.name, storage_path=storage, progress_reporter=reporter, verbose=1,
+        callbacks=[StudyProgress(study)],
         failure_config=tune.FailureConfig(max_failures=study.tune.get("max_failures", 1)),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
     tune_config = study.tune_config()
