@@ -149,11 +149,14 @@ def cmd_validate(args) -> int:
     except SpecError as exc:
         _err(str(exc))
         return EXIT_SPEC
+    from orchestrator.naming import short_trial_name
+
     print(f"{study.path}: study {study.name!r} is valid: {study.num_trials()} trial(s)")
     for labels in study.grid():
         cfg = study.trial_config(labels)
-        print(f"  {study.trial_name(labels):40s} kl_mode={cfg.algorithm.kl_mode} "
-              f"kl_estimator={cfg.algorithm.kl_estimator} seed={cfg.run.seed} task={cfg.task.name} "
+        estimator = cfg.algorithm.kl_estimator if cfg.algorithm.kl_mode != "none" else "-"
+        print(f"  {short_trial_name(study, labels):16s} {study.trial_name(labels):32s} "
+              f"kl_mode={cfg.algorithm.kl_mode} kl_estimator={estimator} seed={cfg.run.seed} task={cfg.task.name} "
               f"steps={cfg.run.steps}")
     if study.optuna:
         print(f"  Optuna: {study.optuna['num_samples']} samples of {sorted(study.optuna['params'])}, "
