@@ -181,6 +181,9 @@ class PlainDisplay:
     def step(self, board: StudyBoard, key: str, line: str | None, words: list[str]) -> None:
         self.news(line)
 
+    def drop(self, key: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -209,15 +212,16 @@ class RichDisplay:
         if key not in self.tasks:
             self.tasks[key] = self.progress.add_task(board.prefix(trial), total=trial.steps_total, info=info)
         self.progress.update(self.tasks[key], completed=trial.step, info=info)
-        eta = board.eta_s()
+        eta = board.eta_s() if board.steps_done() < board.total_steps else None
         self.progress.update(self.study_task, completed=board.steps_done(),
                              info=f"ETA {duration(eta)}" if eta is not None else "")
         if trial.step >= trial.steps_total:
-            self.progress.remove_task(self.tasks.pop(key))
+            self.drop(key)
 
     def drop(self, key: str) -> None:
         if key in self.tasks:
             self.progress.remove_task(self.tasks.pop(key))
+            self.progress.refresh()  # at once: a finished trial's bar must not linger in the next frame
 
     def close(self) -> None:
         if self.study_task is not None:
@@ -269,31 +273,52 @@ class StudyProgress(tune.Callback):
         return key
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._guard(self._started, trials, trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._guard(self._result, trials, trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._guard(lambda: self.display.news(self.board.finish(self._track(trials, trial), trial.last_result)))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._guard(self._failed, trials, trial, True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._guard(self._failed, trials, trial, False)
+
+    def on_experiment_end(self, trials, **info):
+        self._guard(self.display.close)
+
+    def _started(self, trials, trial) -> None:
         for other in trials:  # trials finished in an earlier session count as done (for the ETA)
             if other.status == "TERMINATED" and other.trial_id not in self.board.trials:
                 self._track(trials, other)
         self.display.news(self.board.start(self._track(trials, trial)))
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def _result(self, trials, trial, result: dict) -> None:
         key = self._track(trials, trial, result)
-        line = self.board.result(key, result)
-        self.display.step(self.board, key, line, metric_words(result))
+        self.display.step(self.board, key, self.board.result(key, result), metric_words(result))
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
+    def _failed(self, trials, trial, retrying: bool) -> None:
         key = self._track(trials, trial)
-        self.display.news(self.board.finish(key, trial.last_result))
+        self.display.drop(key)
+        self.display.news(self.board.failure(key, retrying, getattr(trial, "error_file", None)))
 
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        self.display.news(self.board.failure(self._track(trials, trial), True, getattr(trial, "error_file", None)))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        key = self._track(trials, trial)
-        if isinstance(self.display, RichDisplay):
-            self.display.drop(key)
-        self.display.news(self.board.failure(key, False, getattr(trial, "error_file", None)))
-
-    def on_experiment_end(self, trials, **info):
-        self.display.close()
+    def _guard(self, fn: Callable, *args) -> None:
+        """Run a display update; a failure in it must never stop the study: report it once, go plain."""
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - any bug here is cosmetic, the study must go on
+            broken, self.display = self.display, PlainDisplay()
+            try:
+                broken.close()
+            except Exception:  # noqa: BLE001
+                pass
+            if not getattr(self, "_failed_once", False):
+                self._failed_once = True
+                print(f"klrl: progress display error ({type(exc).__name__}: {exc}); the study goes on",
+                      file=sys.stderr, flush=True)
 
 
 class StartEndReporter(tune.CLIReporter):

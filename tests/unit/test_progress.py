@@ -115,3 +115,19 @@ def test_tune_table_shows_at_start_and_end_only_without_the_staging_logdir(capsy
             reporter.should_report(trials, done=True)] == [False, True, False, True]
     reporter._print("== Status ==\nResult logdir: /tmp/klrl-ray-x/session/artifacts\nNumber of trials: 1")
     assert capsys.readouterr().out == "== Status ==\nNumber of trials: 1\n"
+
+
+def test_a_failing_display_never_stops_the_study(capsys):
+    class Broken(progress.PlainDisplay):
+        def news(self, line):
+            raise RuntimeError("terminal gone")
+
+    study = load_study(MINIATURE)
+    callback = progress.StudyProgress(study, display=Broken())
+    callback.setup()
+    trial = SimpleNamespace(trial_id="t0", config={"grid": study.grid()[0]}, last_result={}, status="PENDING")
+    callback.on_trial_start(0, [trial], trial)  # raises inside: reported once, then plain lines
+    callback.on_trial_result(0, [trial], trial, report(1))
+    out, err = capsys.readouterr()
+    assert "progress display error (RuntimeError: terminal gone); the study goes on" in err
+    assert out.startswith("[1/6 none s0] step 1/20")
