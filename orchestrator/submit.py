@@ -59,9 +59,11 @@ def local_commit(folder: Path) -> tuple[str, bool]:
     return commit, bool(commit != "unknown" and git("status", "--porcelain", "--untracked-files=no"))
 
 
-def entrypoint(space: str, run_dir: Path, args) -> str:
-    """The job's command: `klrl run` with the absolute run dir and every option passed through."""
-    argv = ["klrl", "run", space, "--run-dir", str(run_dir)]
+def entrypoint(space: str, run_dir: Path, args, env_vars: dict[str, str]) -> str:
+    """The job's command: `klrl run` with the absolute run dir and every option passed through, and its
+    variables set on the command line: in the job's runtime_env they would clash with the same keys that
+    `klrl run` hands its actors (Ray refuses a variable set in both)."""
+    argv = ["env", *(f"{k}={v}" for k, v in env_vars.items()), "klrl", "run", space, "--run-dir", str(run_dir)]
     for override in args.set:
         argv += ["--set", override]
     for flag, value in (("--tracking-uri", args.tracking_uri), ("--storage-path", args.storage_path)):
@@ -97,9 +99,8 @@ def submit(args, run_dir: Path, cache_root: Path | None, log=print) -> int:
     except (ConnectionError, RuntimeError) as exc:
         raise SubmitError(f"no Ray cluster answers at {address} ({exc}); start one (README, \"Local cluster\") "
                           "or pass --address http://<head>:8265") from None
-    job_id = client.submit_job(entrypoint=entrypoint(space_arg, run_dir, args), submission_id=args.job_id,
-                               runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES,
-                                            "env_vars": env_vars})
+    job_id = client.submit_job(entrypoint=entrypoint(space_arg, run_dir, args, env_vars), submission_id=args.job_id,
+                               runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES})
     log(f"klrl: submitted job {job_id} to {address}: run dir {run_dir}, commit {commit[:12]}")
     if args.no_wait:
         log(f"klrl: follow it with: ray job logs --follow --address {address} {job_id}")

@@ -70,9 +70,11 @@ def test_a_ray_job_refuses_a_run_dir_inside_its_working_dir_copy(tmp_path, monke
 def test_submit_sends_klrl_run_with_the_absolute_run_dir_and_every_option(tmp_path):
     args = argparse.Namespace(set=["run.steps=2", "task.name=palindrome"], tracking_uri="http://h:5000",
                               storage_path=None, resume=True)
-    command = submit.entrypoint("search_spaces/smoke.yaml", tmp_path / "my runs" / "smoke", args)
-    assert command == (f"klrl run search_spaces/smoke.yaml --run-dir '{tmp_path}/my runs/smoke' --set run.steps=2 "
-                       "--set task.name=palindrome --tracking-uri http://h:5000 --resume")
+    command = submit.entrypoint("search_spaces/smoke.yaml", tmp_path / "my runs" / "smoke", args,
+                                {GIT_COMMIT_ENV: "0123abcd"})
+    assert command == (f"env KLRL_GIT_COMMIT=0123abcd klrl run search_spaces/smoke.yaml --run-dir "
+                       f"'{tmp_path}/my runs/smoke' --set run.steps=2 --set task.name=palindrome "
+                       "--tracking-uri http://h:5000 --resume")
 
 
 def test_ui_link_opens_the_trial_runs_in_the_machine_learning_view():
