@@ -100,7 +100,7 @@ def run_size(args: argparse.Namespace, size: str) -> dict:
     if "actor" in paths:
         import ray
 
-        from workers import environment
+        from workers import device, environment
 
         ray.init(num_cpus=args.threads, _temp_dir=str(environment.ray_temp_dir(run_dir)),
                  include_dashboard=False, log_to_driver=False)
@@ -109,7 +109,7 @@ def run_size(args: argparse.Namespace, size: str) -> dict:
                 return time.process_time()
 
         remote = ray.remote(num_cpus=args.threads)(TimedWorker).options(
-            runtime_env={"env_vars": environment.actor_env_vars()})
+            runtime_env=device.runtime_env(args.threads, 0, environment.actor_env_vars()))
         actor = remote.remote(str(folder), cfg, dtype="float32", seed=0)
         calls["actor"] = lambda: ray.get(actor.generate.remote(prompts, n, max_new_tokens=t, ignore_eos=True))
         actor_cpu = lambda: ray.get(actor.cpu_seconds.remote())  # noqa: E731

@@ -14,6 +14,7 @@ Conventions
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,21 +56,26 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+def pass_at_k_ks(n: int) -> list[int]:
+    """The k of the pass@k curve from n samples: 1, 2, 4, ... (powers of two below n), then n itself."""
+    if n < 1:
+        raise ValueError(f"pass_at_k_ks: n must be >= 1, got {n}")
+    return sorted({2 ** i for i in range(n.bit_length()) if 2 ** i < n} | {n})
+
+
 def pass_at_k_metrics(correct, ks: Sequence[int] | None = None) -> dict[str, float]:
     """Mean unbiased pass@k over prompts from a (P, n) bool matrix (row = prompt, column = sample).
 
-    Returns `eval/pass@{k}` for each k in `ks` (default (1, n)), plus `eval/pass@k` = the largest k,
-    a key that stays the same whatever run.eval_n_samples is, so studies can be plotted together.
+    Returns `eval/pass_at_{k}` for each k in `ks` (default `pass_at_k_ks(n)`: 1, 2, 4, ..., n), the
+    pass@k curve of Yue et al. 2025 ("Does RL really incentivize reasoning capacity...", 2504.13837).
     """
     c = _as_numpy(correct).astype(bool)
     if c.ndim != 2 or c.shape[0] == 0:
         raise ValueError(f"pass_at_k_metrics: correct must be a non-empty (P, n) matrix, got shape {c.shape}")
     n = c.shape[1]
-    ks = sorted(set(ks)) if ks else sorted({1, n})
+    ks = sorted(set(ks)) if ks else pass_at_k_ks(n)
     counts = c.sum(axis=1)
-    out = {f"eval/pass@{k}": float(np.mean([pass_at_k(n, int(ci), k) for ci in counts])) for k in ks}
-    out["eval/pass@k"] = out[f"eval/pass@{ks[-1]}"]
-    return out
+    return {f"eval/pass_at_{k}": float(np.mean([pass_at_k(n, int(ci), k) for ci in counts])) for k in ks}
 
 
 # --- lexical diversity ----------------------------------------------------------------------------
@@ -144,8 +150,10 @@ def mean_pairwise_cosine(embeddings, group_index) -> float:
 def distinct_answers(answers: Sequence[str | None], valid: Sequence[bool], group_index) -> dict[str, float]:
     """Distinct answers per prompt, averaged over prompts (the seed study's "response uniqueness").
 
-    answers: B extracted answers (None = nothing extracted); valid: B flags, True where the answer is
-    correct (for palindromes: a palindrome of the prompt's letters; several can be valid).
+    answers: B answers already normalised as the task's scorer normalises them (`Task.valid_answer`;
+    for palindromes stripped and lower-cased), None = nothing extracted. They are compared as given:
+    "ABA" and "aba" are two answers here, so the caller normalises. valid: B flags, True where the answer
+    earns the full reward (for palindromes: a palindrome of the prompt's letters; several can be valid).
     - `diversity/distinct_valid`: distinct valid answers per prompt.
     - `diversity/distinct_answers`: distinct extracted answers of any validity per prompt (None is not
       an answer, so a group of unparseable responses scores 0).
@@ -159,6 +167,53 @@ def distinct_answers(answers: Sequence[str | None], valid: Sequence[bool], group
         n_valid.append(len({answers[i] for i in rows if answers[i] is not None and valid[i]}))
     return {"diversity/distinct_valid": float(np.mean(n_valid)) if n_valid else float("nan"),
             "diversity/distinct_answers": float(np.mean(n_any)) if n_any else float("nan")}
+
+
+def answer_entropy(valid_answers: Sequence[str | None]) -> float:
+    """Entropy in nats of the empirical distribution of one prompt's valid answers (None = an invalid
+    sample, left out): -sum_a p_a log p_a with p_a = count(a) / (valid samples). 0 for one answer,
+    log m for m equally frequent ones; NaN when no sample is valid (no distribution to measure)."""
+    counts = np.array(list(Counter(a for a in valid_answers if a is not None).values()), dtype=np.float64)
+    if counts.size == 0:
+        return float("nan")
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def coverage_metrics(valid_answers: Sequence[Sequence[str | None]],
+                     ref_valid_answers: Sequence[Sequence[str | None]]) -> dict[str, float]:
+    """How the policy's valid answers on the eval prompts relate to pi_ref's (docs/CONVENTIONS.md).
+
+    valid_answers / ref_valid_answers: per eval prompt (same prompts, same order), the n normalised
+    valid answers of the policy / of pi_ref, None for an invalid sample. S_pi / S_ref = a prompt's set
+    of distinct valid answers. Each metric is a mean over prompts (so the number of prompts does not
+    weigh in); a prompt on which a ratio is undefined is skipped, and a metric with no usable prompt is
+    NaN:
+    - `eval/answer_coverage`: |S_pi ∩ S_ref| / |S_ref|, prompts with empty S_ref skipped; 1 = the
+      policy still finds every answer pi_ref found (Yue et al. 2025, 2504.13837, ask whether RL narrows
+      this).
+    - `eval/answer_novelty`: |S_pi \\ S_ref| / |S_pi|, prompts with empty S_pi skipped; the share of
+      the policy's answers pi_ref never produced in its n samples.
+    - `eval/answer_entropy`: `answer_entropy` per prompt (nats), prompts without a valid sample skipped.
+    - `eval/distinct_valid`: |S_pi| per prompt (a prompt with no valid sample counts 0).
+    """
+    if len(valid_answers) != len(ref_valid_answers):
+        raise ValueError(f"coverage_metrics: valid_answers has {len(valid_answers)} prompts but "
+                         f"ref_valid_answers has {len(ref_valid_answers)}; they must be the same eval prompts")
+    if not valid_answers:
+        raise ValueError("coverage_metrics: no eval prompts")
+    coverage, novelty, entropy, distinct = [], [], [], []
+    for answers, ref_answers in zip(valid_answers, ref_valid_answers):
+        s_pi = {a for a in answers if a is not None}
+        s_ref = {a for a in ref_answers if a is not None}
+        if s_ref:
+            coverage.append(len(s_pi & s_ref) / len(s_ref))
+        if s_pi:
+            novelty.append(len(s_pi - s_ref) / len(s_pi))
+        entropy.append(answer_entropy(answers))
+        distinct.append(len(s_pi))
+    return {"eval/answer_coverage": _nanmean(coverage), "eval/answer_novelty": _nanmean(novelty),
+            "eval/answer_entropy": _nanmean(entropy), "eval/distinct_valid": float(np.mean(distinct))}
 
 
 def diversity_metrics(response_texts: Sequence[str], answers: Sequence[str | None], valid: Sequence[bool],

@@ -32,8 +32,8 @@ import torch
 
 from core.types import TokenScores
 
-# verl's clip of a log-ratio before exp() (k3 here, the PPO ratio in core.losses): exp(20) ~ 5e8 is finite in
-# float32, so one diverged token cannot turn a batch's loss into inf.
+# verl's clip of a log-ratio before exp (k3 here, the importance ratio in core/losses.py): exp(20) ~ 5e8
+# is finite in float32, so one diverged token cannot turn a step's loss into inf.
 LOG_RATIO_LIMIT = 20.0
 
 

@@ -6,12 +6,19 @@ one causal sequence per row whose response starts at column P for every row.
 
 The sampler's log-probs (vLLM) are kept apart from the learner's recomputed ones: their difference is
 the off-policy gap a weight-sync bug would open, and klrl logs it (`rollout/logprob_gap`).
+
+`Rollout` and `Learner` are the engines as the trial loop sees them (typing.Protocol): the Ray groups
+in `workers/actors.py` implement them, and so do the unit tests' fakes, so the loop never sees Ray.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from core.config import Config
 
 
 def _pad_to(t: torch.Tensor, width: int, value: float | int | bool, left: bool) -> torch.Tensor:
@@ -22,8 +29,19 @@ def _pad_to(t: torch.Tensor, width: int, value: float | int | bool, left: bool) 
     return torch.cat([pad, t] if left else [t, pad], dim=1)
 
 
+class _Shardable:
+    """`shard` for a batch class that has `batch_size` and `rows(slice)`: one definition for both batches."""
+
+    def shard(self, rank: int, world_size: int):
+        """Rank's contiguous 1/world_size of the rows; the batch must split evenly."""
+        if self.batch_size % world_size:
+            raise ValueError(f"batch of {self.batch_size} rows does not split over world_size={world_size}")
+        per = self.batch_size // world_size
+        return self.rows(slice(rank * per, (rank + 1) * per))
+
+
 @dataclass
-class RolloutBatch:
+class RolloutBatch(_Shardable):
     """What the rollout workers return: prompts, sampled responses and the sampler's log-probs."""
 
     prompt_ids: torch.Tensor  # (B, P) long, left-padded with pad_token_id
@@ -60,13 +78,6 @@ class RolloutBatch:
             else:
                 out[f.name] = value
         return RolloutBatch(**out)
-
-    def shard(self, rank: int, world_size: int) -> "RolloutBatch":
-        """Rank's contiguous 1/world_size of the rows; the batch must split evenly."""
-        if self.batch_size % world_size:
-            raise ValueError(f"batch of {self.batch_size} rows does not split over world_size={world_size}")
-        per = self.batch_size // world_size
-        return self.rows(slice(rank * per, (rank + 1) * per))
 
     @staticmethod
     def concat(parts: list["RolloutBatch"]) -> "RolloutBatch":
@@ -115,13 +126,17 @@ class TokenScores:
 
 
 @dataclass
-class TrainBatch:
+class TrainBatch(_Shardable):
     """Everything one PPO update needs; advantages already include any in-reward KL penalty."""
 
     rollout: RolloutBatch
     old_logprobs: torch.Tensor  # (B, T) float32, log pi_old(a_t) (the learner's, not the sampler's)
     ref_logprobs: torch.Tensor  # (B, T) float32, log pi_ref(a_t)
     advantages: torch.Tensor  # (B, T) float32, per-token advantage, 0 on padding
+
+    @property
+    def batch_size(self) -> int:
+        return self.rollout.batch_size
 
     def rows(self, index: torch.Tensor | list[int] | slice) -> "TrainBatch":
         if isinstance(index, slice):
@@ -135,9 +150,46 @@ class TrainBatch:
             advantages=self.advantages[index],
         )
 
-    def shard(self, rank: int, world_size: int) -> "TrainBatch":
-        n = self.rollout.batch_size
-        if n % world_size:
-            raise ValueError(f"batch of {n} rows does not split over world_size={world_size}")
-        per = n // world_size
-        return self.rows(slice(rank * per, (rank + 1) * per))
+
+# ---- the engines, as the trial loop sees them --------------------------------------------------------
+
+@runtime_checkable
+class Rollout(Protocol):
+    """Samples responses with the current policy (vLLM behind it)."""
+
+    def generate(self, prompts: list[str], n: int, seed: int) -> RolloutBatch:
+        """n samples per prompt, rows of a prompt contiguous; the same seed draws the same samples."""
+
+    def reset(self, config: "Config") -> None:
+        """Back to a fresh engine for this trial: its sampling settings and seeds, an empty prefix cache.
+        The weights are the learner's to set (`Learner.sync_weights_to`)."""
+
+    def shutdown(self) -> None:
+        """Stop the engine and free its resources."""
+
+
+@runtime_checkable
+class Learner(Protocol):
+    """Scores and trains the policy against its frozen reference (DeepSpeed behind it)."""
+
+    def score(self, batch: RolloutBatch) -> TokenScores:
+        """Per-token log-probs of the policy and the reference, entropy and exact KL, (B, T) each."""
+
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """One PPO update; returns `section/name` metrics."""
+
+    def sync_weights_to(self, rollout: Rollout) -> None:
+        """Load the policy's current weights into the rollout engine."""
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Weights, optimizer, step counters and RNG states under `directory`."""
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore what save_checkpoint wrote."""
+
+    def reset(self, config: "Config") -> None:
+        """Back to pi_ref weights, a fresh optimizer and scheduler, step counters at 0 and this trial's
+        seeds and call-time settings (lr, algorithm, ...), exactly as a freshly built learner."""
+
+    def shutdown(self) -> None:
+        """Stop the engine and free its resources."""

@@ -4,6 +4,9 @@
                         [--tracking-uri URI] [--storage-path URI] [--resume] [--run-dir DIR]
     klrl submit SPACE.yaml [--address http://HEAD:8265] [--run-dir DIR] [run's options]  # as a Ray job
     klrl validate SPACE.yaml [--set key=value ...]    # check a study file, list its trials, run nothing
+                  [--placement [--address ...]]       # + place a trial on Ray and probe its actors' devices
+                  [--gpu-memory-gib N]                # + refuse it if `klrl plan` says a GPU runs out of memory
+    klrl plan SPACE.yaml [--set key=value ...] [--gpu h100] [--gpu-memory-gib 80]  # GPU memory, GPU-hours
     klrl report STUDY [--out DIR] [--include-unfinished] # STUDY: a run dir, a study file or a study name
     klrl ui [STUDY] [--port 5000]     # MLflow UI on 127.0.0.1; no STUDY: the only (or miniature) study
     klrl config --explain                                # every config field with its docstring
@@ -37,6 +40,20 @@ def runs_root() -> Path:
     return Path(os.environ.get("KLRL_RUN_DIR") or "runs").resolve()
 
 
+def _warn(message: str) -> None:
+    print(f"klrl: warning: {message}", file=sys.stderr)
+
+
+def _load_checked(space: str, overrides: list[str]):
+    """(study, warnings): the study file and its overrides validated, then checked against the model and
+    this machine (orchestrator/preflight.py); raises SpecError naming the file or `--set` and the field."""
+    from orchestrator.preflight import check_study
+    from orchestrator.search_space import load_study
+
+    study = load_study(space, overrides)
+    return study, study.warnings + check_study(study)
+
+
 def default_run_dir(study_name: str, given: str | None) -> Path:
     if given:
         return Path(given).resolve()
@@ -53,17 +70,27 @@ def _configure_env(run_dir: Path, given: str | None) -> None:
 def cmd_run(args) -> int:
     from orchestrator.config_io import SpecError
     from orchestrator.search_space import load_study
+    from orchestrator.tracking import unsupported_uri
 
+    if args.tracking_uri and unsupported_uri(args.tracking_uri):
+        _err(f"--tracking-uri: {unsupported_uri(args.tracking_uri)}")
+        return EXIT_SPEC
     try:
-        study = load_study(args.space, args.set)
+        overrides = args.set
+        if args.resume and args.set:
+            record = default_run_dir(load_study(args.space).name, args.run_dir) / "study.yaml"
+            if record.exists():
+                _warn(f"--set is ignored with --resume: the study continues as recorded in {record}")
+                overrides = []
+        study, warnings = _load_checked(args.space, overrides)
     except SpecError as exc:
         _err(str(exc))
         return EXIT_SPEC
+    for warning in warnings:
+        _warn(warning)
     run_dir = default_run_dir(study.name, args.run_dir)
     if not _usable_in_job(run_dir, study.name):
         return EXIT_SPEC
-    if args.resume and args.set and (run_dir / "study.yaml").exists():
-        _err(f"warning: --set is ignored with --resume: the study continues as recorded in {run_dir}/study.yaml")
     _configure_env(run_dir, args.run_dir)
     from orchestrator import launch
     from orchestrator.tracking import TrackingError
@@ -72,6 +99,9 @@ def cmd_run(args) -> int:
         study = launch.prepare_run_dir(study, run_dir, args.resume)
         outcome = launch.run_study(study, run_dir, address=args.address, tracking_uri=args.tracking_uri,
                                    resume=args.resume, storage_path=args.storage_path)
+    except SpecError as exc:  # --resume rereads the recorded study.yaml, which may predate a newer check
+        _err(str(exc))
+        return EXIT_SPEC
     except (launch.LaunchError, TrackingError) as exc:
         _err(str(exc))
         return EXIT_LAUNCH
@@ -142,13 +172,14 @@ def _write_report(experiment: str, uri: str, out_dir: Path, include_unfinished: 
 
 def cmd_validate(args) -> int:
     from orchestrator.config_io import SpecError
-    from orchestrator.search_space import load_study
 
     try:
-        study = load_study(args.space, args.set)
+        study, warnings = _load_checked(args.space, args.set)
     except SpecError as exc:
         _err(str(exc))
         return EXIT_SPEC
+    for warning in warnings:
+        _warn(warning)
     from orchestrator.naming import short_trial_name
 
     print(f"{study.path}: study {study.name!r} is valid: {study.num_trials()} trial(s)")
@@ -161,6 +192,39 @@ def cmd_validate(args) -> int:
     if study.optuna:
         print(f"  Optuna: {study.optuna['num_samples']} samples of {sorted(study.optuna['params'])}, "
               f"{study.optuna['mode']} {study.optuna['metric']}")
+    if args.gpu_memory_gib:
+        from orchestrator.plan import PlanError, check_study
+
+        try:
+            refusals = check_study(study, args.gpu_memory_gib)
+        except PlanError as exc:
+            refusals = [str(exc)]
+        for line in refusals:
+            _err(f"{args.space}: {line} (details: klrl plan {args.space})")
+        if refusals:
+            return EXIT_SPEC
+    return _placement_dry_run(study, args) if args.placement else EXIT_OK
+
+
+def _placement_dry_run(study, args) -> int:
+    """`validate --placement`: orchestrator/dry_run.py on the cluster a `klrl run` would use."""
+    run_dir = default_run_dir(study.name, args.run_dir)
+    _configure_env(run_dir, args.run_dir)
+    from orchestrator import launch
+    from orchestrator.dry_run import placement_dry_run
+
+    try:
+        launch.check_ray_address(args.address)
+        problems = placement_dry_run(study, run_dir, args.address)
+    except launch.LaunchError as exc:
+        _err(str(exc))
+        return EXIT_LAUNCH
+    for problem in problems:
+        _err(problem)
+    if problems:
+        _err(f"placement dry run: {len(problems)} problem(s); no trial would start as configured")
+        return EXIT_LAUNCH
+    print("klrl: placement dry run passed: every actor would start on the device it was given (no model loaded)")
     return EXIT_OK
 
 
@@ -176,11 +240,11 @@ def _locate(study_arg: str | None, tracking_uri: str | None) -> tuple[str, str, 
         run_dir, name = default_run_dir(study.name, None), study.name
         name = study.base.get("tracking", {}).get("experiment") or name
     elif study_arg and (path / "study.yaml").is_file():
-        from orchestrator.search_space import load_study
+        from orchestrator.config_io import load_yaml
 
-        run_dir = path.resolve()
-        study = load_study(run_dir / "study.yaml")
-        name = study.base.get("tracking", {}).get("experiment") or study.name
+        # The record of a study already run: only its names are needed, and it may predate a newer check.
+        run_dir, raw = path.resolve(), load_yaml(path / "study.yaml")
+        name = (raw.get("base") or {}).get("tracking", {}).get("experiment") or raw["name"]
     elif study_arg:
         run_dir, name = default_run_dir(study_arg, None), study_arg
     else:
@@ -321,7 +385,17 @@ def parser() -> argparse.ArgumentParser:
     val.add_argument("space", help="study file, e.g. search_spaces/miniature.yaml")
     val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a base config field, as with `klrl run` (repeatable)")
+    val.add_argument("--placement", action="store_true",
+                     help="also create a trial's placement group on Ray and start a probe actor in each bundle "
+                          "with the real actors' options; reports every actor's device; loads no model")
+    val.add_argument("--address", default=None, help="Ray cluster for --placement (default: start a local Ray)")
+    val.add_argument("--run-dir", default=None, help="for --placement with a local Ray: its temp dir's home")
+    val.add_argument("--gpu-memory-gib", type=float, default=None,
+                     help="also refuse the study if `klrl plan`'s memory estimate exceeds this GPU memory")
     val.set_defaults(func=cmd_validate)
+    from orchestrator.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     rep = sub.add_parser("report", help="write report.md, summary.csv and plots for a study")
     rep.add_argument("study", help="run dir, study file or study name")
     rep.add_argument("--tracking-uri", default=None,

@@ -8,7 +8,7 @@ SIGTERM) the driver ends every child run a killed trial could not end itself, so
 Run directory layout (one study per directory):
     <run_dir>/study.yaml      the study as run (overrides applied), reread by --resume
     <run_dir>/driver.json     MLflow ids of the study (experiment, parent run), Tune storage; reread by --resume
-    <run_dir>/tune/<name>/    Tune's experiment state, trial checkpoints (or --storage-path/<name>)
+    <run_dir>/tune/<name>/    Tune's experiment state, trial folders with klrl's checkpoints (or --storage-path/<name>)
     <run_dir>/mlflow.db, mlartifacts/   default MLflow store
     <run_dir>/ray/            Ray's temp dir when klrl starts Ray itself
 """
@@ -25,7 +25,6 @@ from urllib.parse import urlparse
 
 from orchestrator.search_space import Study
 from orchestrator.tracking import ROLE_TAG, STUDY_TAG, check_reachable, default_uri, git_commit, make_tracker
-from orchestrator.trial import TrialSetup, train
 
 
 class LaunchError(RuntimeError):
@@ -93,7 +92,8 @@ def storage_for(run_dir: Path, given: str | None, resume: bool) -> str:
     state_file = run_dir / "driver.json"
     if given is None and resume and state_file.exists():
         given = json.loads(state_file.read_text()).get("storage_path")
-    return given or str(run_dir / "tune")
+    given = given or str(run_dir / "tune")
+    return given if "://" in given else str(Path(given).resolve())
 
 
 SHARED_FS_TYPES = ("nfs", "nfs4", "efs", "lustre", "cifs", "smb3", "ceph", "gpfs", "beegfs", "glusterfs", "fuse")
@@ -146,7 +146,7 @@ def check_multi_node_storage(uri: str, storage: str, trial_resources: dict[str, 
 
 def max_trial_resources(study: Study) -> dict[str, float]:
     """The most of each resource (CPU, GPU) that one trial of the study asks for."""
-    from workers.actors import bundles_for
+    from workers.engines import bundles_for
 
     out: dict[str, float] = {}
     configs = [study.trial_config(labels) for labels in study.grid()] or [study.trial_config({})]
@@ -154,6 +154,61 @@ def max_trial_resources(study: Study) -> dict[str, float]:
         for key in ("CPU", "GPU"):
             out[key] = max(out.get(key, 0.0), sum(b.get(key, 0.0) for b in bundles_for(config)))
     return out
+
+
+def gpu_fields(config) -> str:
+    """The fields that make a trial ask for GPUs, e.g. 'learner.gpus_per_worker=1 (x2 learners), ...'."""
+    asks = [f"{name}.gpus_per_worker={section.gpus_per_worker:g} (x{section.num_workers} {name}s)"
+            for name, section in (("learner", config.learner), ("rollout", config.rollout))
+            if section.gpus_per_worker > 0]
+    return ", ".join(asks)
+
+
+def autoscaler_limit(resource: str) -> float | None:
+    """The most of `resource` an autoscaler could give the connected Ray cluster; None without one."""
+    from ray._private import ray_constants
+    from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return scaling_limit(resource, state.get_max_resources_from_cluster_config(),
+                         _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
+
+
+def scaling_limit(resource: str, group_limits: dict | None, status: bytes | None) -> float | None:
+    """An autoscaler that publishes its node groups (autoscaler v2, KubeRay) gives `group_limits`, an
+    exact limit. The cluster launcher's (v1, cluster.yaml) publishes only its status, whose node types
+    are the config's ('head', 'gpu_worker'); its limit is taken as unbounded. A plain `ray start` or
+    `ray.init` runs a read-only monitor whose node types are the live nodes' ids ('node_<hex>'): None."""
+    if group_limits is not None:
+        return float(group_limits.get(resource, 0))
+    report = (json.loads(status).get("autoscaler_report") or {}) if status else {}
+    node_types = set(report.get("active_nodes") or {}) | set(report.get("pending_launches") or {})
+    return float("inf") if any(not t.startswith("node_") for t in node_types) else None
+
+
+def check_cluster_gpus(study: Study, address: str | None = None) -> None:
+    """Refuse, before any trial starts, a study whose trial asks for more GPUs than the connected Ray
+    cluster has and no autoscaler could add (Tune would wait forever for its placement group), or NCCL
+    on learners without GPUs. The message names the fields."""
+    import ray
+
+    from workers.engines import bundles_for
+
+    configs = [study.trial_config(labels) for labels in study.grid()] or [study.trial_config({})]
+    if any(c.learner.backend == "nccl" and c.learner.gpus_per_worker == 0 for c in configs):
+        raise LaunchError("learner.backend: 'nccl' needs learner.gpus_per_worker > 0; use 'auto' or 'gloo' "
+                          "for CPU learners")
+    need = max_trial_resources(study).get("GPU", 0.0)
+    have = ray.cluster_resources().get("GPU", 0.0)
+    limit = autoscaler_limit("GPU") if need > have else None
+    if need <= have or (limit is not None and need <= limit):
+        return
+    config = max(configs, key=lambda c: sum(b.get("GPU", 0.0) for b in bundles_for(c)))
+    where = f"at {address}" if address else "started here"
+    scaler = "no autoscaler that could add GPU nodes" if limit is None else f"an autoscaler limit of {limit:g}"
+    raise LaunchError(f"{gpu_fields(config)}: a trial asks for {need:g} GPU(s) but the Ray cluster {where} has "
+                      f"{have:g} and {scaler}; run on a GPU cluster (cluster.yaml, docs/GPU.md) or set "
+                      "learner.gpus_per_worker=0 and rollout.gpus_per_worker=0 to run on CPUs")
 
 
 def open_study_runs(study: Study, run_dir: Path, uri: str, resume: bool, storage: str):
@@ -175,11 +230,23 @@ def open_study_runs(study: Study, run_dir: Path, uri: str, resume: bool, storage
     return tracker, experiment_id, parent
 
 
-def build_tuner(study: Study, setup: TrialSetup, storage: str, resume: bool):
+def build_tuner(study: Study, setup, storage: str, resume: bool):
+    """The Tuner of the study (or, with resume, the restored one).
+
+    Tune reuses a finished trial's trainable process for the next trial with the same resources
+    (`reuse_actors`): the process keeps its placement group and its engines (workers/engines.py), so
+    only the first trial on them pays their start-up. Checkpoints are klrl's own (orchestrator/
+    checkpoint.py), not Tune's: Tune's experiment state is saved every few seconds, so after a driver
+    SIGKILL it points at an older checkpoint than the newest one a trial wrote, and it lists checkpoints
+    its `num_to_keep` retention already deleted (deleting them again fails in `_delete_fs_path` with
+    "Error handling checkpoint ... FileNotFoundError"). Trials find their newest complete checkpoint
+    themselves.
+    """
     from ray import tune
 
     from orchestrator.progress import StartEndReporter, StudyProgress, quiet_tune_output
-    from workers.actors import bundles_for
+    from orchestrator.trainable import NoRetryAfterNonFinite, train
+    from workers.engines import bundles_for
 
     quiet_tune_output()
 
@@ -201,12 +268,12 @@ def build_tuner(study: Study, setup: TrialSetup, storage: str, resume: bool):
         parameter_columns=axis_columns, sort_by_metric=False)
     run_config = tune.RunConfig(
         name=study.name, storage_path=storage, progress_reporter=reporter, verbose=1,
-        callbacks=[StudyProgress(study)],
         failure_config=tune.FailureConfig(max_failures=study.tune.get("max_failures", 1)),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+        callbacks=[NoRetryAfterNonFinite(), StudyProgress(study)])
     tune_config = study.tune_config()
+    tune_config.reuse_actors = True
     tune_config.trial_name_creator = lambda t: _short_name(study, t)
-    tune_config.trial_dirname_creator = lambda t: f"trial_{t.trial_id}"
+    tune_config.trial_dirname_creator = lambda t: f"trial_{t.trial_id}"  # trainable.py's checkpoints live here
     return tune.Tuner(trainable, param_space=study.param_space(), tune_config=tune_config, run_config=run_config)
 
 
@@ -266,12 +333,15 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
         raise LaunchError(f"{run_dir} already holds study {study.name!r}: pass --resume to continue it, "
                           f"another --run-dir, or delete {run_dir}")
     tracker, experiment_id, parent = open_study_runs(study, run_dir, uri, resume, storage)
+    from orchestrator.trainable import TrialSetup
+
     setup = TrialSetup(study=study, run_dir=str(run_dir), tracking_uri=uri, experiment_id=experiment_id,
-                       parent_run_id=parent, git_commit=git_commit())
+                       parent_run_id=parent, storage_path=storage, git_commit=git_commit())
     status, previous = "KILLED", None
     try:
         prebuild_policies(study, run_dir, log)
         connect_ray(address, run_dir)
+        check_cluster_gpus(study, address)
         check_multi_node_storage(uri, storage, max_trial_resources(study))
         # After ray.init, which installs its own (aborting) SIGTERM handler in the driver.
         previous = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
@@ -315,10 +385,6 @@ def prepare_run_dir(study: Study, run_dir: Path, resume: bool) -> Study:
            "optuna": study.optuna, "tune": study.tune or None}
     dump_yaml({k: v for k, v in raw.items() if v not in (None, "")}, record)
     return study
-
-
-def exit_code(outcome: Outcome) -> int:
-    return 0 if outcome.ok else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

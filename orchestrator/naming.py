@@ -42,13 +42,17 @@ def long_trial_name(study, labels: dict[str, str], sampled: dict[str, Any] | Non
 
 
 def varied_fields(study, sampled: dict[str, Any] | None = None) -> list[str]:
-    """Dotted fields, beyond the arm and the seed, that take more than one value across the study's trials:
-    a field axis, a field whose value differs between the bundles of a bundle axis, an Optuna parameter."""
+    """Dotted fields, beyond the arm and the seed, that tell two trials apart: a field axis, a field whose value
+    differs between bundles of a bundle axis that set the same arm (a setting that comes with its arm, such
+    as the k3 arm's kl_clamp, is named by the arm already), an Optuna parameter."""
     fields: list[str] = []
     for axis in study.axes:
+        by_arm: dict[str, list[dict]] = {}
+        for bundle in axis.bundles:
+            by_arm.setdefault(repr([bundle.get(k) for k in ARM_FIELDS]), []).append(bundle)
         for key in dict.fromkeys(k for bundle in axis.bundles for k in bundle):
-            distinct = {repr(bundle.get(key)) for bundle in axis.bundles}
-            if key not in (*ARM_FIELDS, SEED_FIELD) and len(distinct) > 1 and key not in fields:
+            varies = any(len({repr(b.get(key)) for b in group}) > 1 for group in by_arm.values())
+            if key not in (*ARM_FIELDS, SEED_FIELD) and varies and key not in fields:
                 fields.append(key)
     for key in sorted(sampled or {}):
         if key not in (*ARM_FIELDS, SEED_FIELD) and key not in fields:

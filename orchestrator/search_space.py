@@ -23,13 +23,17 @@ through `Config.from_dict` at load; errors read 'file: key: message'.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from core.config import Config, ConfigError, field_names, set_dotted
-from orchestrator.config_io import SpecError, apply_overrides, config_from_dict, load_yaml
+from core.config import Config, ConfigError, advisories, field_names, set_dotted
+from orchestrator.config_io import SpecError, apply_overrides, config_from_dict, error_field, load_yaml, set_source
+from orchestrator.tracking import unsupported_uri
 
 TOP_KEYS = ("name", "description", "base", "grid", "optuna", "tune")
 TUNE_KEYS = ("max_failures", "max_concurrent_trials", "num_samples")
@@ -61,6 +65,9 @@ class Study:
     optuna: dict | None = None  # {"metric", "mode", "num_samples", "params": {dotted: {dist: args}}}
     tune: dict = field(default_factory=dict)
     description: str = ""
+    overrides: tuple[str, ...] = ()  # the `--set KEY=VALUE`s applied to base
+    file_base: dict | None = None  # base as the file has it, when overrides changed it
+    warnings: tuple[str, ...] = ()  # legal but questionable settings, 'where: field: message'
 
     # ---- what a trial sees --------------------------------------------------------------------
     def trial_overrides(self, labels: dict[str, str], sampled: dict[str, Any] | None = None) -> dict:
@@ -85,6 +92,25 @@ class Study:
 
     def trial_name(self, labels: dict[str, str]) -> str:
         return " ".join(labels[a.name] for a in self.axes) or self.name
+
+    def points(self) -> list[tuple[dict[str, str], dict[str, Any]]]:
+        """(grid labels, Optuna sample) pairs covering every trial config: each grid point with each
+        Optuna range end (one param varied at a time), or alone without Optuna."""
+        return [(labels, sampled) for labels in self.grid() for sampled in _extremes(self.optuna)]
+
+    def locate(self, labels: dict[str, str], sampled: dict, bad_field: str) -> str:
+        """Where in the file a trial's bad value comes from: an Optuna range end, a grid value, or the point."""
+        return _culprit(self, labels, sampled, bad_field)
+
+    def setter_of(self, key: str) -> str | None:
+        """The grid axis or Optuna param that sets field `key` in trials ('grid.run.seed'), if any."""
+        return _setter_of(self, key)
+
+    def from_file_only(self) -> "Study":
+        """This study without its `--set` overrides (to tell whether the file or an override is at fault)."""
+        if not self.overrides:
+            return self
+        return dataclasses.replace(self, base=self.file_base, overrides=(), file_base=None)
 
     # ---- what Tune sees ------------------------------------------------------------------------
     def param_space(self) -> dict:
@@ -120,6 +146,7 @@ def load_study(path: str | Path, overrides: Iterable[str] = ()) -> Study:
 
 
 def parse_study(raw: dict, path: str, overrides: Iterable[str] = ()) -> Study:
+    """Validate the file on its own (errors name the file), then the `--set` overrides (errors name them)."""
     def fail(key: str, message: str):
         raise SpecError(f"{path}: {key}: {message}")
 
@@ -132,22 +159,104 @@ def parse_study(raw: dict, path: str, overrides: Iterable[str] = ()) -> Study:
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         fail("base", f"expected a mapping, got {type(base).__name__}")
-    base = apply_overrides(base, overrides, source=f"{path}: --set")
     config_from_dict(base, f"{path}: base")
+    if _tracking_uri_problem(base):
+        fail("base", _tracking_uri_problem(base))
     axes = tuple(_parse_axis(axis_name, values, fail) for axis_name, values in _grid(raw, fail).items())
+    optuna = _parse_optuna(raw.get("optuna"), fail) if raw.get("optuna") is not None else None
+    study = Study(name=name, path=path, base=base, axes=axes, optuna=optuna, tune=_parse_tune(raw, fail),
+                  description=str(raw.get("description", "")))
+    _check_one_setter_per_field(study, fail)
+    _validate_trials(study, fail)
+    overrides = list(overrides)
+    if overrides:
+        study = _with_overrides(study, overrides)
+    return dataclasses.replace(study, warnings=_warnings(study))
+
+
+def _with_overrides(study: Study, overrides: list[str]) -> Study:
+    """The study with `--set` applied to its base; the file is valid, so every error here names `--set`."""
+    def fail(where: str | None, message: str):  # message: 'field: why'
+        raise SpecError(f"{set_source(overrides, error_field(message))}: {where + ': ' if where else ''}{message}")
+
+    base = apply_overrides(study.base, overrides)
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if _setter_of(study, key):
+            fail(None, f"{key}: set by {_setter_of(study, key)} in every trial, which would silently override "
+                       "--set; change it in the study file instead")
+    try:
+        Config.from_dict(base)
+    except ConfigError as exc:
+        fail(None, str(exc))
+    if _tracking_uri_problem(base):
+        fail(None, _tracking_uri_problem(base))
+    new = dataclasses.replace(study, base=base, overrides=tuple(overrides), file_base=study.base)
+    _validate_trials(new, fail)
+    return new
+
+
+def _tracking_uri_problem(base: dict) -> str | None:
+    """'tracking.tracking_uri: why' when the base names a tracking URI klrl cannot use."""
+    uri = (base.get("tracking") or {}).get("tracking_uri") or ""
+    reason = unsupported_uri(uri) if uri else None
+    return f"tracking.tracking_uri: {reason}" if reason else None
+
+
+def _setter_of(study: Study, key: str) -> str | None:
+    """The grid axis or Optuna param that sets field `key` in trials, if any ('grid.run.seed')."""
+    for axis in study.axes:
+        if any(key in bundle for bundle in axis.bundles):
+            return f"grid.{axis.name}"
+    if study.optuna and key in study.optuna["params"]:
+        return f"optuna.params.{key}"
+    return None
+
+
+def _check_one_setter_per_field(study: Study, fail) -> None:
+    """A field set by two axes (an arm and a field axis, or two bundle axes), or by an axis and Optuna, would
+    have one setting silently override the other in every trial (later axes win, Optuna wins over axes)."""
+    setters: dict[str, list[tuple[str, str]]] = {}  # field -> [(axis name, where in the file)], one per axis
+    for axis in study.axes:
+        for i, bundle in enumerate(axis.bundles):
+            for key in bundle:
+                if axis.name not in (name for name, _ in setters.get(key, [])):
+                    where = f"grid.{axis.name}" if "." in axis.name else f"grid.{axis.name}[{i}].{key}"
+                    setters.setdefault(key, []).append((axis.name, where))
+    for key, found in setters.items():
+        if len(found) > 1:
+            (_, first), (_, second) = found[:2]
+            here, other = (first, second) if "[" in first and "[" not in second else (second, first)
+            fail(here, f"{key} is also set by {other}; the later axis would silently override the other in "
+                       "every trial: set each field in one axis only")
+    for key in (study.optuna or {}).get("params", {}):
+        if key in setters:
+            fail(f"optuna.params.{key}", f"also set by {setters[key][0][1]}; Optuna's sample would silently "
+                                         "replace the grid's value in every trial: sample it or grid it, not both")
+
+
+def _warnings(study: Study) -> tuple[str, ...]:
+    """Advisories (core.config.advisories) of every trial config, each named once with where it comes from."""
+    out: list[str] = []
+    for labels, sampled in study.points():
+        for advisory in advisories(study.trial_config(labels, sampled)):
+            line = f"{study.path}: {_culprit(study, labels, sampled, error_field(advisory))}: {advisory}"
+            if line not in out:
+                out.append(line)
+    return tuple(out)
+
+
+def _parse_tune(raw: dict, fail) -> dict:
     tune_opts = raw.get("tune") or {}
     if not isinstance(tune_opts, dict):
         fail("tune", "expected a mapping")
     for key, value in tune_opts.items():
         if key not in TUNE_KEYS:
             fail(f"tune.{key}", f"unknown key; allowed: {list(TUNE_KEYS)}")
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "max_failures" else 1):
-            fail(f"tune.{key}", f"expected a {'non-negative' if key == 'max_failures' else 'positive'} integer, got {value!r}")
-    optuna = _parse_optuna(raw.get("optuna"), fail) if raw.get("optuna") is not None else None
-    study = Study(name=name, path=path, base=base, axes=axes, optuna=optuna, tune=tune_opts,
-                  description=str(raw.get("description", "")))
-    _validate_trials(study, fail)
-    return study
+        least = 0 if key == "max_failures" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            fail(f"tune.{key}", f"expected a {'non-negative' if least == 0 else 'positive'} integer, got {value!r}")
+    return tune_opts
 
 
 def _grid(raw: dict, fail) -> dict:
@@ -187,6 +296,11 @@ def _parse_axis(axis_name: Any, values: Any, fail) -> Axis:
     dupes = sorted({label for label in labels if labels.count(label) > 1})
     if dupes:
         fail(where, f"duplicate values/labels {dupes}; give bundles distinct `name:`s")
+    for i, bundle in enumerate(bundles):
+        if bundle in bundles[:i]:
+            j = bundles.index(bundle)
+            fail(f"{where}[{i}]", f"sets exactly what {where}[{j}] ({labels[j]}) sets: two labels for one trial "
+                                  "config (for repeats, add seeds)")
     return Axis(name=str(axis_name), labels=tuple(labels), bundles=tuple(bundles))
 
 
@@ -215,6 +329,8 @@ def _parse_optuna(spec: Any, fail) -> dict:
         kind, args = next(iter(dist.items()))
         if not isinstance(args, list) or not args or (kind != "choice" and len(args) != 2):
             fail(f"{where}.{kind}", "expected a list: [low, high] (or the choices)")
+        if any(isinstance(a, float) and not math.isfinite(a) for a in args):
+            fail(f"{where}.{kind}", f"expected finite values, got {args}")
         if kind != "choice" and not (all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
                                      and args[0] < args[1]):
             fail(f"{where}.{kind}", f"expected numbers [low, high] with low < high, got {args}")
@@ -237,13 +353,12 @@ def _extremes(optuna: dict | None) -> list[dict]:
 
 
 def _validate_trials(study: Study, fail) -> None:
-    for labels in study.grid():
-        for sampled in _extremes(study.optuna):
-            data = _merged(study.base, study.trial_overrides(labels, sampled))
-            try:
-                Config.from_dict(data)
-            except ConfigError as exc:
-                fail(_culprit(study, labels, sampled, str(exc).split(":", 1)[0]), str(exc))
+    for labels, sampled in study.points():
+        data = _merged(study.base, study.trial_overrides(labels, sampled))
+        try:
+            Config.from_dict(data)
+        except ConfigError as exc:
+            fail(_culprit(study, labels, sampled, error_field(exc)), str(exc))
 
 
 def _culprit(study: Study, labels: dict[str, str], sampled: dict, bad_field: str) -> str:
@@ -260,8 +375,6 @@ def _culprit(study: Study, labels: dict[str, str], sampled: dict, bad_field: str
 
 
 def _merged(base: dict, overrides: dict) -> dict:
-    import copy
-
     data = copy.deepcopy(base)
     for key, value in overrides.items():
         set_dotted(data, key, value)

@@ -35,7 +35,8 @@ ROLE_TAG = "klrl.role"  # 'study' on the parent run, 'trial' on children (orches
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 GIT_COMMIT_ENV = "KLRL_GIT_COMMIT"  # set by `klrl submit`: a job's uploaded working dir has no .git
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
-_MAX_BATCH = 100  # MLflow's log_batch limit for params (and a sane chunk for metrics)
+_MAX_BATCH = 100  # MLflow's log_batch limit for params
+_MAX_METRICS = 1000  # MLflow's log_batch limit for metrics
 
 
 class TrackingError(RuntimeError):
@@ -44,6 +45,22 @@ class TrackingError(RuntimeError):
 
 def default_uri(run_dir: str | Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+# What klrl can track to: MLflow's sqlite store, and an `mlflow server` (which may front any database or
+# bucket). MLflow 3 refuses its file store (plain paths, file://) unless MLFLOW_ALLOW_FILE_STORE is set, and
+# its other database schemes need drivers klrl does not install.
+SUPPORTED_SCHEMES = ("sqlite", "http", "https")
+
+
+def unsupported_uri(uri: str) -> str | None:
+    """Why `uri` cannot be klrl's tracking URI (one line naming the supported schemes), or None if it can."""
+    scheme = uri.partition("://")[0].lower() if "://" in uri else ""
+    if scheme in SUPPORTED_SCHEMES:
+        return None
+    what = f"unsupported scheme {scheme + '://'!r}" if scheme else "a plain path (MLflow's file store)"
+    return (f"{uri!r} is {what}; klrl tracks to sqlite:///<path>/mlflow.db (the default: a file in the run dir) "
+            "or http(s)://<host>:<port> (an `mlflow server`, which can front any database)")
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -127,6 +144,9 @@ class MlflowTracker:
     def reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
 
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return dict(self.client.get_run(run_id).data.tags)
+
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
@@ -140,14 +160,20 @@ class MlflowTracker:
             self.client.log_batch(run_id, params=chunk)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """One step's metrics in one log_batch, which the store writes in one transaction (all or none)."""
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items() if _is_number(v)]
-        for chunk in _chunks(items, 1000):
-            self.client.log_batch(run_id, metrics=chunk)
+        if len(items) > _MAX_METRICS:
+            raise ValueError(f"{len(items)} metrics at step {step}: more than one log_batch ({_MAX_METRICS}) holds")
+        self.client.log_batch(run_id, metrics=items)
+
+    def latest_metric(self, run_id: str, key: str) -> float | None:
+        """The value of `key` at its highest logged step, or None if never logged."""
+        return self.client.get_run(run_id).data.metrics.get(_metric_key(key))
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
@@ -206,6 +232,9 @@ class NullTracker:
     def reopen(self, run_id: str) -> None:
         self.runs[run_id]["status"] = "RUNNING"
 
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return dict(self.runs[run_id]["tags"])
+
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         self.runs[run_id]["tags"].update({k: str(v) for k, v in tags.items()})
 
@@ -216,6 +245,10 @@ class NullTracker:
         for key, value in metrics.items():
             if _is_number(value):
                 self.runs[run_id]["metrics"].setdefault(_metric_key(key), []).append((step, float(value)))
+
+    def latest_metric(self, run_id: str, key: str) -> float | None:
+        points = self.runs[run_id]["metrics"].get(_metric_key(key))
+        return max(points)[1] if points else None
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.runs[run_id]["artifacts"][artifact_file] = text

@@ -4,7 +4,8 @@
            the tiny-model config, the palindrome data settings the warm start uses and a code version,
            so a change to any of them builds a new folder and never reuses a stale one.
 a path  -> validated: it must be a folder holding config.json and a tokenizer (tokenizer.json or
-           tokenizer_config.json); otherwise a ValueError names the folder and what is missing.
+           tokenizer_config.json); otherwise a ModelFolderError (a ValueError) names the folder and what is
+           missing (`check_model_folder`, which the workers use too).
 hub id  -> ('org/name' that does not exist locally and does not look like a path) returned as is; the
            engines resolve it from their own HF cache (klrl never downloads at run time itself).
 Concurrent trials that want the same tiny model take a file lock; the loser reuses the winner's folder.
@@ -60,19 +61,27 @@ def tiny_policy(tiny: TinyModelConfig, task: TaskConfig, run_dir: str | Path, lo
     return final
 
 
-def check_model_folder(path: Path) -> Path:
-    """path if it is a HF causal-LM folder (config.json + a tokenizer); ValueError naming what is missing."""
+class ModelFolderError(FileNotFoundError, ValueError):
+    """A model path that is not a Hugging Face model folder (a ValueError of the config and a missing file)."""
+
+
+def check_model_folder(path: str | Path, field: str = "model.path", tokenizer: bool = True) -> Path:
+    """The resolved folder if it is a HF causal-LM folder: config.json, and a tokenizer unless `tokenizer`
+    is False (a reference policy reuses the policy's). ModelFolderError naming `field` and what is missing.
+
+    The one check of a model folder: the trial's policy, the learner's and the rollout engine's folders."""
+    path = Path(path).expanduser()
+    where = f"{field}: no Hugging Face model folder at {str(path)!r}"
     if not path.exists():
-        raise ValueError(f"model.path: folder {str(path)!r} does not exist (expected 'tiny', a HF model "
-                         "folder with config.json and a tokenizer, or a hub id like 'org/name')")
+        raise ModelFolderError(f"{where}: it does not exist (expected 'tiny', a HF model folder with "
+                               "config.json and a tokenizer, or a hub id like 'org/name')")
     if not path.is_dir():
-        raise ValueError(f"model.path: {str(path)!r} is a file, expected a HF model folder")
-    missing = [] if (path / "config.json").exists() else ["config.json"]
-    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise ModelFolderError(f"{where}: it is a file")
+    missing = [] if (path / "config.json").is_file() else ["config.json"]
+    if tokenizer and not any((path / f).exists() for f in TOKENIZER_FILES):
         missing.append(" or ".join(TOKENIZER_FILES))
     if missing:
-        raise ValueError(f"model.path: folder {str(path)!r} is not a HF model folder: "
-                         f"missing {', '.join(missing)}")
+        raise ModelFolderError(f"{where}: missing {', '.join(missing)}")
     return path.resolve()
 
 

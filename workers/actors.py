@@ -1,83 +1,51 @@
-"""The one place klrl wraps workers with `ray.remote`: placement-group bundles, rank wiring, fan-out.
+"""The one place klrl wraps workers with `ray.remote`: the learner and rollout groups a trial talks to.
 
-Layout of a trial's resources (`bundles_for`): an empty head bundle for the Tune trainable, then one
-bundle per learner actor, then one per rollout actor. Ray Tune drops an all-zero head bundle
-(`ray.air.execution.resources.request.ResourceRequest` sets `head_bundle_is_empty` and pops it): the
-trainable then holds no reserved CPU and the trial's placement group holds only the worker bundles,
-so inside the trainable learner i sits in bundle i and rollout j in bundle num_learners + j. The
-driver's own work (rewards, metrics) is light next to the engines, so a trial fits in 2 CPUs:
-learner 1 + rollout 1. `create_placement_group` builds the same worker bundles outside Tune (tests,
-benchmarks).
+`LearnerGroup` and `RolloutGroup` implement the `Learner` and `Rollout` protocols of core/types.py, so
+the trial loop sees plain method calls and never a Ray object reference. Each group starts its actors in
+given bundles of a placement group (workers/engines.py lays the bundles out and keeps engines for reuse),
+splits batches over its actors and gathers the results.
 
-Every call to an actor goes through `_get` with a timeout, so a dead or hung actor raises on the driver
+Every call to an actor goes through `_get` with a timeout, so a dead or hung actor raises on the caller
 instead of blocking it; a group kills its actors when its construction fails.
 """
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from core.config import Config
 from core.types import RolloutBatch, TokenScores, TrainBatch
-from workers import environment
-from workers.learner import SUMMED_METRICS, LearnerWorker, check_model_dir, free_port
+from tasks.policy import check_model_folder
+from workers import device, environment
+from workers.learner import SUMMED_METRICS, LearnerWorker, check_same_vocab, free_port
 from workers.rollout import RolloutWorker
 
 CALL_TIMEOUT_S = 900.0  # longest a single actor call may take (a slow CPU rollout or update)
 START_TIMEOUT_S = 600.0  # actor start: model load + DeepSpeed init (JIT-compiles a comm op on first use)
+PING_TIMEOUT_S = 30.0
 PORT_ATTEMPTS = 3
 
 
-def _bundle(cpus: float, gpus: float) -> dict[str, float]:
-    return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
+def actor_options(pg: PlacementGroup, bundle: int, cpus: float, gpus: float) -> dict:
+    """Ray options of an actor in bundle `bundle` of pg: its resources, and the runtime_env that
+    workers/device.py derives from those resources (never from this driver's machine)."""
+    return dict(num_cpus=cpus, num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                     placement_group_bundle_index=bundle),
+                runtime_env=device.runtime_env(cpus, gpus, environment.actor_env_vars()))
 
 
-def worker_bundles(config: Config) -> list[dict[str, float]]:
-    """One bundle per learner actor, then one per rollout actor (the placement group's bundles)."""
-    lc, rc = config.learner, config.rollout
-    return ([_bundle(lc.cpus_per_worker, lc.gpus_per_worker)] * lc.num_workers
-            + [_bundle(rc.cpus_per_worker, rc.gpus_per_worker)] * rc.num_workers)
-
-
-def bundles_for(config: Config) -> list[dict[str, float]]:
-    """Bundles for `tune.PlacementGroupFactory`: an empty head (dropped by Tune) + worker_bundles."""
-    return [{"CPU": 0.0}] + worker_bundles(config)
-
-
-def learner_bundle(config: Config, rank: int) -> int:
-    return rank
-
-
-def rollout_bundle(config: Config, index: int) -> int:
-    return config.learner.num_workers + index
-
-
-def create_placement_group(config: Config, rollouts: bool = True,
-                           timeout_s: float = START_TIMEOUT_S) -> PlacementGroup:
-    """A placement group of worker_bundles(config) (learners only when not `rollouts`), reserved with
-    PACK (one node when it fits). Refuses at once a request larger than the whole cluster."""
-    bundles = worker_bundles(config)[:None if rollouts else config.learner.num_workers]
-    total = ray.cluster_resources()
-    for key in ("CPU", "GPU"):
-        need = sum(b.get(key, 0.0) for b in bundles)
-        if need > total.get(key, 0.0):
-            raise ValueError(f"placement group needs {need:g} {key} ({bundles}) but the Ray cluster has "
-                             f"{total.get(key, 0.0):g}; lower learner/rollout num_workers or cpus_per_worker")
-    pg = placement_group(bundles, strategy="PACK")
-    try:
-        ray.get(pg.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        ray.util.remove_placement_group(pg)
-        raise TimeoutError(f"placement group {bundles} not ready after {timeout_s:.0f} s; "
-                           f"the cluster has {ray.available_resources()} free") from None
-    return pg
+def _placed(remote, pg: PlacementGroup, bundle: int, cpus: float, gpus: float):
+    """`remote` (a ray.remote class or function) placed in the bundle; every klrl actor starts here."""
+    return remote.options(**actor_options(pg, bundle, cpus, gpus))
 
 
 def _get(refs, what: str, timeout_s: float):
@@ -100,13 +68,12 @@ def _get_failfast(refs: list, what: str, timeout_s: float) -> list:
     return ray.get(refs)
 
 
-def _options(pg: PlacementGroup, bundle: int, cpus: float, gpus: float) -> dict:
-    return dict(num_cpus=cpus, num_gpus=gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
-                                                                     placement_group_bundle_index=bundle),
-                # One math thread per reserved CPU: the driver's OMP_NUM_THREADS (all cores) in every
-                # actor oversubscribes the node, and spinning OpenMP threads then slow all of them.
-                runtime_env={"env_vars": {**environment.actor_env_vars(), "OMP_NUM_THREADS": str(max(1, int(cpus)))}})
+def _alive(refs: list) -> bool:
+    try:
+        ray.get(refs, timeout=PING_TIMEOUT_S)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+        return False
+    return True
 
 
 @ray.remote
@@ -115,44 +82,53 @@ def _master_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), free_port()
 
 
-def _vocab_size(folder: Path) -> int | None:
-    return json.loads((folder / "config.json").read_text()).get("vocab_size")
-
-
 class LearnerGroup:
-    """num_workers data-parallel LearnerWorker actors; splits batches by rank, gathers results."""
+    """num_workers data-parallel LearnerWorker actors; splits batches by rank, gathers results.
+
+    Right after start the group snapshots the fresh learners (DeepSpeed checkpoint under the run dir's
+    tmp/, a filesystem every rank shares) so that `reset` can return them to it for the next trial.
+    """
 
     def __init__(self, model_path: str | os.PathLike, config: Config, pg: PlacementGroup, first_bundle: int = 0,
                  reference_path: str | os.PathLike | None = None, timeout_s: float = CALL_TIMEOUT_S):
         self.config, self.timeout_s, self.world_size = config, timeout_s, config.learner.num_workers
         self.actors: list = []
+        self.fresh = environment.run_dir() / "tmp" / f"learner-fresh-{uuid.uuid4().hex[:12]}"
         # Cheap driver-side checks first: a rank that dies in its constructor would leave the others
         # waiting in torch.distributed's rendezvous.
-        policy = check_model_dir(model_path, "model_path")
-        reference = check_model_dir(reference_path or model_path, "reference_path")
-        if _vocab_size(policy) != _vocab_size(reference):
-            raise ValueError(f"reference_path: vocabulary mismatch, policy '{policy}' has vocab_size "
-                             f"{_vocab_size(policy)} but reference '{reference}' has {_vocab_size(reference)}")
-        bundles = [first_bundle + learner_bundle(config, r) for r in range(self.world_size)]
+        weight_sync(config)
+        policy = check_model_folder(model_path, "model_path", tokenizer=False)
+        reference = check_model_folder(reference_path or model_path, "reference_path", tokenizer=False)
+        check_same_vocab(policy, reference)
+        bundles = [first_bundle + rank for rank in range(self.world_size)]
         for attempt in range(PORT_ATTEMPTS):
             try:
                 self._start(policy, reference, pg, bundles)
-                return
+                break
             except Exception as error:
                 self.shutdown()
                 # The free port rank 0 was given can be taken by another process before it binds it.
                 if "EADDRINUSE" not in str(error) or attempt == PORT_ATTEMPTS - 1:
                     raise
+        try:
+            self._call("snapshot", "learner snapshot", str(self.fresh))
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _start(self, policy: Path, reference: Path, pg: PlacementGroup, bundles: list[int]) -> None:
         lc = self.config.learner
-        addr, port = _get(_master_address.options(**_options(pg, bundles[0], 0, 0)).remote(),
-                          "learner master address", START_TIMEOUT_S)
+        addr, port = _get(_placed(_master_address, pg, bundles[0], 0, 0).remote(), "learner master address",
+                          START_TIMEOUT_S)
         actor = ray.remote(LearnerWorker)
-        self.actors = [actor.options(**_options(pg, bundles[r], lc.cpus_per_worker, lc.gpus_per_worker)).remote(
+        self.actors = [_placed(actor, pg, bundles[r], lc.cpus_per_worker, lc.gpus_per_worker).remote(
             str(policy), self.config, r, self.world_size, addr, port, str(reference))
             for r in range(self.world_size)]
         _get_failfast([a.ping.remote() for a in self.actors], "learner start", START_TIMEOUT_S)
+
+    def _call(self, method: str, what: str, *args) -> list:
+        """The same call on every rank (collective ones must reach all ranks), results in rank order."""
+        return _get([getattr(a, method).remote(*args) for a in self.actors], what, self.timeout_s)
 
     def _check_divides(self, rows: int) -> None:
         if rows % self.world_size:
@@ -167,16 +143,20 @@ class LearnerGroup:
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """One PPO update on all ranks; metrics averaged over ranks (token/sequence counts summed)."""
-        self._check_divides(batch.rollout.batch_size)
+        self._check_divides(batch.batch_size)
         refs = [a.update.remote(batch.shard(r, self.world_size)) for r, a in enumerate(self.actors)]
         per_rank = _get(refs, "learner update", self.timeout_s)
         return {k: float(sum(m[k] for m in per_rank)) if k in SUMMED_METRICS
                 else float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]}
 
+    def sync_weights_to(self, rollout: "RolloutGroup") -> None:
+        """Load the policy's current weights into every engine of `rollout` (rollout.weight_sync's way)."""
+        weight_sync(self.config)(self, rollout)
+
     def export_weights_ref(self) -> ray.ObjectRef:
         """ObjectRef to rank 0's full weights (all ranks take part: ZeRO-3 gathers are collective).
 
-        Handing the ref straight to RolloutGroup.update_weights keeps the weights out of the driver.
+        Handing the ref straight to RolloutGroup.update_weights keeps the weights out of the caller.
         """
         refs = [a.export_weights.remote() for a in self.actors]
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
@@ -189,15 +169,25 @@ class LearnerGroup:
         return _get(self.export_weights_ref(), "learner export_weights", self.timeout_s)
 
     def save_checkpoint(self, directory: str | os.PathLike) -> None:
-        _get([a.save_checkpoint.remote(str(directory)) for a in self.actors], "learner save", self.timeout_s)
+        self._call("save_checkpoint", "learner save", str(directory))
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
-        _get([a.load_checkpoint.remote(str(directory)) for a in self.actors], "learner load", self.timeout_s)
+        self._call("load_checkpoint", "learner load", str(directory))
+
+    def reset(self, config: Config) -> None:
+        """Every rank back to its fresh snapshot, with this trial's seeds and call-time settings."""
+        weight_sync(config)
+        self._call("reset", "learner reset", config)
+        self.config = config
+
+    def alive(self) -> bool:
+        return bool(self.actors) and _alive([a.ping.remote() for a in self.actors])
 
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+        shutil.rmtree(self.fresh, ignore_errors=True)
 
 
 class RolloutGroup:
@@ -205,12 +195,13 @@ class RolloutGroup:
 
     def __init__(self, model_path: str | os.PathLike, config: Config, pg: PlacementGroup,
                  first_bundle: int | None = None, timeout_s: float = CALL_TIMEOUT_S):
+        """Engine i in bundle first_bundle + i (default: right after the learners', as bundles_for lays out)."""
         rc = config.rollout
+        first_bundle = config.learner.num_workers if first_bundle is None else first_bundle
         self.timeout_s = timeout_s
-        folder = check_model_dir(model_path, "model_path")
-        first = rollout_bundle(config, 0) if first_bundle is None else first_bundle
+        folder = check_model_folder(model_path, "model_path")
         actor = ray.remote(RolloutWorker)
-        self.actors = [actor.options(**_options(pg, first + i, rc.cpus_per_worker, rc.gpus_per_worker)).remote(
+        self.actors = [_placed(actor, pg, first_bundle + i, rc.cpus_per_worker, rc.gpus_per_worker).remote(
             str(folder), rc, config.model.dtype, config.run.seed + i) for i in range(rc.num_workers)]
         try:
             _get_failfast([a.__ray_ready__.remote() for a in self.actors], "rollout start", START_TIMEOUT_S)
@@ -235,7 +226,65 @@ class RolloutGroup:
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
         _get([a.update_weights.remote(ref) for a in self.actors], "rollout update_weights", self.timeout_s)
 
+    def reset(self, config: Config) -> None:
+        """Every engine to this trial's sampling settings and seeds (engine i: run.seed + i, as at
+        construction), prefix cache emptied; the weights are pushed by the learner afterwards."""
+        _get([a.reset.remote(config.rollout, config.run.seed + i) for i, a in enumerate(self.actors)],
+             "rollout reset", self.timeout_s)
+
+    def alive(self) -> bool:
+        return bool(self.actors) and _alive([a.__ray_ready__.remote() for a in self.actors])
+
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+
+
+# ---- weight sync: one function per rollout.weight_sync -------------------------------------------------
+
+def _sync_through_object_store(learner: LearnerGroup, rollout: RolloutGroup) -> None:
+    """Rank 0's weights go into Ray's object store once; every engine reads them from there."""
+    rollout.update_weights(learner.export_weights_ref())
+
+
+# The dispatch point: config.rollout.weight_sync -> how learner weights reach the engines ('collective', a
+# process group between learner rank 0 and the engines, comes with workers/weight_sync.py).
+WEIGHT_SYNCS = {"object_store": _sync_through_object_store}
+
+
+def weight_sync(config: Config):
+    """The function that syncs weights for config.rollout.weight_sync; a clear error when unavailable."""
+    name = config.rollout.weight_sync
+    if name not in WEIGHT_SYNCS:
+        raise ValueError(f"rollout.weight_sync: {name!r} is not available in this build (workers/"
+                         f"weight_sync.py adds the process-group path); available: {sorted(WEIGHT_SYNCS)}")
+    return WEIGHT_SYNCS[name]
+
+
+class DeviceProbe:
+    """Stands where a learner or rollout actor would, with the same Ray options, and reports the device
+    it was given as the engines would see it (after `enter`, as they do): no engine, model or CUDA call."""
+
+    def describe(self, backend: str) -> dict:
+        device.this_actor().enter()
+        return device.describe(backend)
+
+
+def probe_devices(config: Config, pg: PlacementGroup,
+                  timeout_s: float = START_TIMEOUT_S) -> list[tuple[str, int, dict]]:
+    """(role, index, report) for a probe in every learner and rollout bundle of pg (bundles_for's layout:
+    learner r in bundle r, rollout i after the learners), each started with the options the real actor
+    would get; the probes are gone when this returns."""
+    lc, rc = config.learner, config.rollout
+    slots = ([("learner", r, r, lc) for r in range(lc.num_workers)]
+             + [("rollout", i, lc.num_workers + i, rc) for i in range(rc.num_workers)])
+    probe = ray.remote(DeviceProbe)
+    actors = [_placed(probe, pg, bundle, section.cpus_per_worker, section.gpus_per_worker).remote()
+              for _, _, bundle, section in slots]
+    try:
+        reports = _get_failfast([a.describe.remote(lc.backend) for a in actors], "device probe", timeout_s)
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+    return [(role, index, report) for (role, index, _, _), report in zip(slots, reports)]

@@ -1,7 +1,11 @@
-"""Process environment for every klrl process: caches inside the run directory, CPU engine settings.
+"""Process environment for every klrl process: caches inside the run directory, this process's engines.
 
-Called first by the CLI, by each actor, and by the test session, before torch/vLLM/DeepSpeed/Ray read
+Called first by the CLI, benchmarks, each actor and the test session, before torch/vLLM/DeepSpeed/Ray read
 their environment. Only sets variables the user has not set, so a cluster's own settings win.
+
+Actors get the cache variables (`actor_env_vars`) but never this process's engine settings: an actor's
+engine settings come from the resources it was given (workers/device.py), since the driver usually
+runs on a GPU-less head node while its actors hold GPUs.
 
 Nothing a study writes lands outside the run directory: besides the named caches, TMPDIR points into it,
 because several libraries write to `tempfile.gettempdir()` and never clean up: vLLM's engine rendezvous
@@ -52,7 +56,8 @@ def cache_env(root: Path) -> dict[str, str]:
 
 
 def engine_env(cuda: bool) -> dict[str, str]:
-    """Engine settings: vLLM in-process (so it lives inside a Ray actor), DeepSpeed's CPU accelerator."""
+    """Settings for engines built in this process (tests, benchmarks): vLLM in-process; on CPU,
+    DeepSpeed's CPU accelerator, vLLM's CPU platform and a 1 GiB KV cache. Never shipped to actors."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     if not cuda:
         env.update({"DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"})
@@ -62,8 +67,8 @@ def engine_env(cuda: bool) -> dict[str, str]:
 def configure(root: str | os.PathLike | None = None, cuda: bool | None = None) -> Path:
     """Set (without overriding) klrl's process environment; returns the resolved run directory.
 
-    `cuda=None` detects a GPU from CUDA_VISIBLE_DEVICES/nvidia device files without importing torch,
-    so this can run before torch is imported.
+    `cuda=None` detects a GPU of *this* machine from CUDA_VISIBLE_DEVICES/nvidia device files without
+    importing torch, so this can run before torch is imported.
     """
     root_path = Path(root).resolve() if root is not None else run_dir()
     if cuda is None:
@@ -108,6 +113,8 @@ def ray_temp_dir(root: str | os.PathLike) -> Path:
 
 
 def actor_env_vars() -> dict[str, str]:
-    """The subset of this process's klrl environment to pass to Ray actors (runtime_env env_vars)."""
-    keys = set(cache_env(Path("."))) | set(engine_env(False)) | {"OMP_NUM_THREADS", "HF_HUB_OFFLINE"}
+    """The subset of this process's klrl environment every Ray worker shares (runtime_env env_vars):
+    cache locations, hub access and the default thread count (for tasks such as the Tune trainable),
+    none of this process's engine settings: an actor's come from workers/device.py."""
+    keys = set(cache_env(Path("."))) | {"OMP_NUM_THREADS", "HF_HUB_OFFLINE"}
     return {k: os.environ[k] for k in keys if k in os.environ}

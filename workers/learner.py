@@ -21,30 +21,52 @@ Choices (see docs/DESIGN.md and docs/bench_learner.md):
   aggregation over the whole mini-batch: a long response weighs the same whichever micro-batch or rank
   holds it. A plain mean of micro-batch means (DeepSpeed's default loss/gas) would over-weight tokens
   in short micro-batches.
+- **No (B, T, V) logits.** DeepSpeed wraps `workers.sequence.ResponseScorer`, whose forward returns
+  per-token log-probs (and, in score or the exact-KL arm, pi_ref's log-probs and both exact KLs) computed
+  from the final hidden states `kl_chunk_size` tokens at a time (core/lm_head.py); the reference's hidden
+  states enter the same chunks, so its logits never outlive one either.
+- **Memory knobs:** `learner.gradient_checkpointing` (HF, per decoder layer) and
+  `learner.max_tokens_per_micro_batch` (rows packed longest first into micro-batches of bounded rows x
+  padded length; all ranks run the same number of them). docs/BENCHMARKS.md measures them, `klrl plan`
+  (orchestrator/plan.py) models them.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
-from contextlib import nullcontext
 import socket
 from collections import defaultdict
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from core.config import Config
-from core.kl import exact_token_kl
+from core.config import Config, flatten
 from core.losses import policy_loss
-from core.metrics import entropy_from_logits
 from core.types import RolloutBatch, TokenScores, TrainBatch
-from workers.sequence import micro_batches, model_inputs, response_logits, token_logprobs, trim_padding
+from tasks.policy import check_model_folder
+from workers import device
+from workers.sequence import ModelInputs, ResponseScorer, model_inputs, pack_micro_batches, trim_padding
 
 CHECKPOINT_TAG = "klrl"
 DIST_TIMEOUT = timedelta(minutes=10)
 SUMMED_METRICS = ("learner/tokens", "learner/sequences")  # LearnerGroup sums these over ranks
+# Learner settings read at call time or applied by `reset`; every other model/learner field is built into
+# the engine, so a learner is reused only for a trial that agrees on all of those (`built_settings`).
+RESET_FIELDS = ("learner.lr", "learner.weight_decay", "learner.ppo_epochs", "learner.mini_batches",
+                "learner.kl_chunk_size", "learner.max_tokens_per_micro_batch")
+
+
+def built_settings(config: Config) -> dict:
+    """The settings a LearnerWorker bakes in at construction (dotted name -> value)."""
+    flat = flatten({"model": config.to_dict()["model"], "learner": config.to_dict()["learner"]})
+    return {k: v for k, v in flat.items() if k not in RESET_FIELDS}
+
+
+SCORE_KEYS = ("logprobs", "ref_logprobs", "entropy", "kl_reverse", "kl_forward")  # TokenScores' field order
 
 
 def free_port() -> int:
@@ -54,25 +76,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_model_dir(path: str | os.PathLike, field: str) -> Path:
-    """The model folder as a Path; FileNotFoundError naming `field` if it is not a HF model folder."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{field}: no Hugging Face model folder at '{folder}' (expected {folder}/config.json); "
-                                "resolve hub ids and 'tiny' with tasks.policy.resolve_policy first")
-    return folder
-
-
-def _output_vocab(model: torch.nn.Module) -> int:
-    return int(model.get_output_embeddings().weight.shape[0])
-
-
-def check_same_vocab(policy: torch.nn.Module, reference: torch.nn.Module, policy_path: Path, ref_path: Path) -> None:
-    """KL between two models is only defined over one shared vocabulary."""
-    p, r = _output_vocab(policy), _output_vocab(reference)
-    if p != r:
-        raise ValueError(f"reference_path: vocabulary mismatch, policy '{policy_path}' has {p} output tokens but "
-                         f"reference '{ref_path}' has {r}; the reference must share the policy's tokenizer")
+def check_same_vocab(policy: Path, reference: Path) -> None:
+    """KL between two models is only defined over one shared vocabulary (read from their config.json, so
+    the driver can refuse a mismatch before any rank starts and waits in the rendezvous)."""
+    vocab = {name: json.loads((folder / "config.json").read_text()).get("vocab_size")
+             for name, folder in (("policy", policy), ("reference", reference))}
+    if vocab["policy"] != vocab["reference"]:
+        raise ValueError(f"reference_path: vocabulary mismatch, policy '{policy}' has vocab_size "
+                         f"{vocab['policy']} but reference '{reference}' has {vocab['reference']}; the "
+                         "reference must share the policy's tokenizer")
 
 
 def init_distributed(backend: str, rank: int, world_size: int, master_addr: str | None,
@@ -113,15 +125,17 @@ def deepspeed_config(config: Config, world_size: int) -> dict:
     }
 
 
-def _pad_cols(t: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # all devices
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def _set_rng_state(state: dict) -> None:
@@ -138,51 +152,85 @@ class LearnerWorker:
     def __init__(self, model_path: str | os.PathLike, config: Config, rank: int = 0, world_size: int = 1,
                  master_addr: str | None = None, master_port: int | None = None,
                  reference_path: str | os.PathLike | None = None):
+        # The device is the one this actor was given (workers/device.py), checked and set before
+        # DeepSpeed picks its accelerator.
+        actor = device.this_actor()
+        actor.enter()
+        actor.check(config.model.dtype)
+        backend = actor.dist_backend(config.learner.backend)
         import deepspeed
         from transformers import AutoModelForCausalLM
 
         self.config, self.rank, self.world_size = config, rank, world_size
-        policy_path = check_model_dir(model_path, "model_path")
-        ref_path = check_model_dir(reference_path or model_path, "reference_path")
-        cuda = torch.cuda.is_available()
-        if config.learner.backend == "nccl" and not cuda:
-            raise ValueError("learner.backend: 'nccl' needs a CUDA device; this learner has none, use 'gloo'")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        init_distributed(config.learner.backend, rank, world_size, master_addr, master_port)
+        policy_path = check_model_folder(model_path, "model_path", tokenizer=False)
+        ref_path = check_model_folder(reference_path or model_path, "reference_path", tokenizer=False)
+        check_same_vocab(policy_path, ref_path)
+        self.device = actor.torch_device()
+        init_distributed(backend, rank, world_size, master_addr, master_port)
         torch.manual_seed(config.run.seed)
         dtype = getattr(torch, config.model.dtype)
         policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
         reference = AutoModelForCausalLM.from_pretrained(ref_path, dtype=dtype)
-        check_same_vocab(policy, reference, policy_path, ref_path)
-        self.reference = reference.to(self.device).eval().requires_grad_(False)
+        if config.learner.gradient_checkpointing:
+            # Non-reentrant: composes with the chunked head's own checkpoints and with ZeRO-3's hooks.
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.reference = ResponseScorer(reference).to(self.device).eval().requires_grad_(False)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learner.lr,
                                       weight_decay=config.learner.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=policy, optimizer=optimizer, config=deepspeed_config(config, world_size),
+            model=ResponseScorer(policy), optimizer=optimizer, config=deepspeed_config(config, world_size),
             dist_init_required=False)
         self.steps = 0  # optimizer steps taken (saved in checkpoints)
+        self.fresh: Path | None = None  # the snapshot `reset` returns to (see `snapshot`)
+        _seed_everything(config.run.seed)  # the state `reset` re-creates, whatever the build drew
 
     # ----------------------------------------------------------------------------------------- score
     @torch.no_grad()
     def score(self, batch: RolloutBatch) -> TokenScores:
         """Per-token log pi_old, log pi_ref, entropy and exact KL (both directions) for this rank's rows.
 
-        All (B, T) float32, zero on padding. KL is measured whatever the kl_mode, as a diagnostic.
+        All (B, T) float32 in the batch's row order, zero on padding. KL is measured whatever the
+        kl_mode, as a diagnostic.
         """
         self.engine.eval()
-        T, temperature = batch.response_ids.shape[1], self.config.rollout.temperature
-        parts = []
-        for rows in micro_batches(batch.batch_size, self.config.learner.micro_batch_size):
+        B, T = batch.response_ids.shape
+        out = torch.zeros(len(SCORE_KEYS), B, T)
+        for rows in self._micro_batches(batch):
             inputs = model_inputs(trim_padding(batch.rows(rows))).to(self.device)
-            logits = response_logits(self.engine, inputs, temperature)  # (b, t, V)
-            ref_logits = response_logits(self.reference, inputs, temperature)
-            reverse, forward = exact_token_kl(logits, ref_logits, self.config.learner.kl_chunk_size)
-            values = (token_logprobs(logits, inputs.response_ids), token_logprobs(ref_logits, inputs.response_ids),
-                      entropy_from_logits(logits, self.config.learner.kl_chunk_size), reverse, forward)
-            mask = inputs.response_mask
-            parts.append([_pad_cols(torch.where(mask, v.float(), 0.0).cpu(), T) for v in values])
-            del logits, ref_logits
-        return TokenScores(*(torch.cat(column) for column in zip(*parts)))
+            values = self._token_values(inputs, reference=True, entropy=True)  # each (b, t)
+            t = inputs.response_ids.shape[1]
+            for i, key in enumerate(SCORE_KEYS):
+                out[i, rows, :t] = values[key].float().cpu()
+        return TokenScores(*out)
+
+    def _token_values(self, inputs: ModelInputs, reference: bool, entropy: bool = False) -> dict[str, torch.Tensor]:
+        """The policy's per-token values of one micro-batch (ResponseScorer.forward through the engine).
+
+        reference=True adds pi_ref's log-probs and the exact KLs: the reference's hidden states go into
+        the policy's chunks, so its logits exist only one chunk at a time, beside the policy's.
+        """
+        ref_hidden = None
+        if reference:
+            with torch.no_grad():
+                ref_hidden = self.reference.response_hidden(inputs)  # (b, t, H)
+        min_tokens = 0
+        if self.config.learner.zero_stage == 3 and self.world_size > 1:
+            # Every output-layer call all-gathers its ZeRO-3 shards: ranks must make the same number.
+            min_tokens = int(self._global_reduce(float(inputs.response_mask.sum()), torch.distributed.ReduceOp.MAX))
+        return self.engine(inputs, self.config.rollout.temperature, self.config.learner.kl_chunk_size,
+                           ref_hidden=ref_hidden, ref_head=self.reference.head if reference else None,
+                           entropy=entropy, min_tokens=min_tokens)
+
+    def _micro_batches(self, batch: RolloutBatch) -> list[list[int]]:
+        """Row indices per micro-batch (workers.sequence.pack_micro_batches); with a token budget, the
+        same number of micro-batches on every rank (ZeRO-2/3 reduce gradients at every backward)."""
+        lc = self.config.learner
+        lengths = batch.prompt_mask.sum(1).tolist(), batch.response_mask.sum(1).tolist()
+        groups = pack_micro_batches(*lengths, lc.micro_batch_size, lc.max_tokens_per_micro_batch)
+        if lc.max_tokens_per_micro_batch and self.world_size > 1:
+            count = int(self._global_reduce(float(len(groups)), torch.distributed.ReduceOp.MAX))
+            groups = pack_micro_batches(*lengths, lc.micro_batch_size, lc.max_tokens_per_micro_batch, count)
+        return groups
 
     # ---------------------------------------------------------------------------------------- update
     def update(self, batch: TrainBatch) -> dict[str, float]:
@@ -198,17 +246,13 @@ class LearnerWorker:
         if n % lc.mini_batches:
             raise ValueError(f"learner.mini_batches: {lc.mini_batches} does not divide this rank's {n} rows")
         per_mini = n // lc.mini_batches
-        slices = micro_batches(per_mini, lc.micro_batch_size)
-        # DeepSpeed steps the optimizer after `gas` micro-batches; a shard's micro-batch count varies
-        # with the batch, so set it per call (train_batch_size = configured micro * gas * world).
-        self.engine.set_train_batch_size(self.engine.train_micro_batch_size_per_gpu() * len(slices) * self.world_size)
         self.engine.train()
         totals: dict[str, float] = defaultdict(float)
         n_steps = 0
         for _ in range(lc.ppo_epochs):
             for m in range(lc.mini_batches):
                 mini = batch.rows(slice(m * per_mini, (m + 1) * per_mini))
-                for key, value in self._mini_batch_step(mini, slices).items():
+                for key, value in self._mini_batch_step(mini).items():
                     totals[key] += value
                 n_steps += 1
         metrics = {k: (v if k in SUMMED_METRICS else v / n_steps) for k, v in totals.items()}
@@ -221,32 +265,34 @@ class LearnerWorker:
             return float(batch.rollout.response_mask.sum())
         return float(batch.rollout.batch_size)
 
-    def _global_sum(self, value: float) -> float:
+    def _global_reduce(self, value: float, op=None) -> float:
+        """value reduced over the data-parallel ranks (a sum unless op says otherwise)."""
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
-            torch.distributed.all_reduce(t)
+            torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
         return float(t.item())
 
-    def _mini_batch_step(self, mini: TrainBatch, slices: list[slice]) -> dict[str, float]:
+    def _mini_batch_step(self, mini: TrainBatch) -> dict[str, float]:
         """One optimizer step: forward/backward per micro-batch, loss weighted by its share of units."""
-        algo, lc = self.config.algorithm, self.config.learner
-        parts = [mini.rows(s) for s in slices]
+        algo = self.config.algorithm
+        parts = [mini.rows(rows) for rows in self._micro_batches(mini.rollout)]
+        # The number of micro-batches varies with the rows' lengths, so DeepSpeed's own boundary rule
+        # (micro-step counter % gas) would drift across mini-batches: the boundary is set explicitly
+        # below, and gas kept in step for DeepSpeed's bookkeeping (train_batch_size = micro * gas * world).
+        self.engine.set_train_batch_size(self.engine.train_micro_batch_size_per_gpu() * len(parts) * self.world_size)
         units = [self._units(p) for p in parts]
-        local_units, global_units = sum(units), self._global_sum(sum(units))
+        local_units, global_units = sum(units), self._global_reduce(sum(units))
         exact = algo.kl_mode == "in_loss" and algo.kl_estimator.startswith("exact_")
         out: dict[str, float] = defaultdict(float)
         for part, u in zip(parts, units):
+            self.engine.set_gradient_accumulation_boundary(part is parts[-1])  # reduce and step after the last
             trimmed = trim_padding(part.rollout)
             t = trimmed.response_ids.shape[1]
             inputs = model_inputs(trimmed).to(self.device)
-            logits = response_logits(self.engine, inputs, self.config.rollout.temperature)
-            exact_kl = None
-            if exact:
-                with torch.no_grad():
-                    ref_logits = response_logits(self.reference, inputs, self.config.rollout.temperature)
-                exact_kl = exact_token_kl(logits, ref_logits, lc.kl_chunk_size)
+            values = self._token_values(inputs, reference=exact)  # each (b, t), with gradient
+            exact_kl = (values["kl_reverse"], values["kl_forward"]) if exact else None
             loss, loss_metrics = policy_loss(
-                token_logprobs(logits, inputs.response_ids), part.old_logprobs[:, :t].to(self.device),
+                values["logprobs"], part.old_logprobs[:, :t].to(self.device),
                 part.ref_logprobs[:, :t].to(self.device), part.advantages[:, :t].to(self.device),
                 inputs.response_mask, algo, exact_kl=exact_kl)
             # DeepSpeed averages gradients over ranks (/ world_size); undo that so the sum over ranks
@@ -316,6 +362,36 @@ class LearnerWorker:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at '{directory}'")
         self.steps = int(client_state["klrl_steps"])
         _set_rng_state(torch.load(directory / CHECKPOINT_TAG / f"rng_rank{self.rank}.pt", weights_only=False))
+
+    def snapshot(self, directory: str | os.PathLike) -> None:
+        """Save this freshly built learner (pi_ref weights, empty optimizer, counters 0) for `reset`.
+
+        Collective: every rank saves its part into the same directory (on a filesystem all ranks share).
+        """
+        if self.steps:
+            raise RuntimeError("snapshot() must be taken before the first update (it is what reset returns to)")
+        self.save_checkpoint(directory)
+        self.fresh = Path(directory)
+
+    def reset(self, config: Config) -> None:
+        """Become the learner a fresh build for `config` would be: pi_ref weights, a fresh optimizer (no
+        moments, its lr and weight decay), step counters at 0, config's seeds and call-time settings.
+
+        DeepSpeed's own checkpoint of the fresh engine is loaded back, which restores ZeRO's partitioned
+        fp32 weights and optimizer state under every stage. Settings built into the engine (ZeRO stage,
+        dtype, micro-batch size, ...) cannot change: a config that differs in them raises.
+        """
+        if self.fresh is None:
+            raise RuntimeError("reset() needs snapshot() taken right after construction")
+        changed = sorted(k for k, v in built_settings(config).items() if built_settings(self.config).get(k) != v)
+        if changed:
+            raise ValueError(f"reset: {changed} are built into this learner; build a new one for them")
+        self.config = config
+        self.load_checkpoint(self.fresh)
+        self.engine.micro_steps = 0  # not in DeepSpeed's checkpoint; 0 in a fresh engine
+        for group in self.optimizer.param_groups:
+            group.update(lr=config.learner.lr, weight_decay=config.learner.weight_decay)
+        _seed_everything(config.run.seed)
 
     def ping(self) -> int:
         """Cheap liveness check for the actor wrapper; returns the rank."""

@@ -20,19 +20,38 @@ the repacking.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from core.config import RolloutConfig
+from core.config import Config, RolloutConfig, flatten
 from core.types import RolloutBatch
+from tasks.policy import check_model_folder
+from workers import device
 
 # Log-probs of the distribution the tokens were actually drawn from (after temperature/top-p), so the
 # learner's recomputed log-probs differ from them only by what a stale or wrong weight sync would cause.
 # With temperature=1 and top_p=1 (klrl's on-policy default) this equals the raw policy log-probs.
 LOGPROBS_MODE = "processed_logprobs"
+# Rollout settings read at call time; every other model/rollout field is built into the engine, so an
+# engine is reused only for a trial that agrees on all of those (`built_settings`).
+RESET_FIELDS = ("rollout.n_samples", "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens")
+
+
+def built_settings(config: Config) -> dict:
+    """The settings a RolloutWorker bakes in at construction (dotted name -> value)."""
+    flat = flatten({"model": config.to_dict()["model"], "rollout": config.to_dict()["rollout"]})
+    return {k: v for k, v in flat.items() if k not in RESET_FIELDS}
+
+
+def _seed_engine_worker(worker, seed: int) -> None:
+    """Run in every vLLM worker (collective_rpc): the global RNGs a fresh engine of `seed` starts from."""
+    from vllm.utils.torch_utils import set_random_seed
+
+    set_random_seed(seed)
 
 
 class RolloutWorker:
@@ -47,23 +66,19 @@ class RolloutWorker:
 
     def __init__(self, model_path: str | os.PathLike, rollout: RolloutConfig, dtype: str = "float32",
                  seed: int = 0):
-        path = Path(model_path)
         # vLLM would otherwise try the hub and fail with an error that hides the local path.
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {str(path)!r} does not exist or has no config.json "
-                                    "(expected a Hugging Face causal-LM folder)")
+        path = check_model_folder(model_path, "model_path", tokenizer=False)
+        check_model_len(path, rollout)  # the driver could not, if the model was not on its machine
         self.rollout = rollout
-        self.cuda = torch.cuda.is_available()
         self._rng = np.random.default_rng(seed)
+        # The device is the one this actor was given (workers/device.py), never the driver's.
+        actor = device.this_actor()
+        actor.enter()
+        actor.check(dtype)
+        device_args, device_env = actor.vllm_settings(rollout)
+        os.environ.update(device_env)
         engine_args: dict = dict(model=str(path), dtype=dtype, max_model_len=rollout.max_model_len, seed=seed,
-                                 logprobs_mode=LOGPROBS_MODE, enforce_eager=not self.cuda)
-        if self.cuda:
-            engine_args.update(gpu_memory_utilization=rollout.gpu_memory_utilization,
-                               tensor_parallel_size=rollout.tensor_parallel_size,
-                               enable_sleep_mode=rollout.enable_sleep_mode)
-        else:
-            # vLLM reads its CPU KV-cache budget from the environment when the engine starts.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(rollout.kv_cache_space_gib)
+                                 logprobs_mode=LOGPROBS_MODE, **device_args)
         from vllm import LLM  # imported late: it is heavy and reads the environment set above
 
         self.llm = LLM(**engine_args)
@@ -83,6 +98,10 @@ class RolloutWorker:
             raise ValueError(f"generate needs at least one prompt and n >= 1, got {len(prompts)} prompts, n={n}")
         params = self.sampling_params(len(prompts), n, seed, temperature, max_new_tokens, ignore_eos)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        longest = max(len(o.prompt_token_ids) for o in outputs)
+        if longest + params[0].max_tokens > self.rollout.max_model_len:  # vLLM silently cut responses short
+            raise ValueError(f"rollout.max_model_len: a prompt of {longest} tokens plus rollout.max_new_tokens "
+                             f"({params[0].max_tokens}) exceeds rollout.max_model_len ({self.rollout.max_model_len})")
         return self.to_batch(prompts, outputs, n)
 
     def sampling_params(self, n_prompts: int, n: int, seed: int | None = None, temperature: float | None = None,
@@ -149,12 +168,18 @@ class RolloutWorker:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
         self.llm.reset_prefix_cache()
 
-    def sleep(self) -> None:
-        """Release GPU memory between rollouts (GPU with rollout.enable_sleep_mode only; else a no-op)."""
-        if self.cuda and self.rollout.enable_sleep_mode:
-            self.llm.sleep(level=1)
+    def reset(self, rollout: RolloutConfig, seed: int) -> None:
+        """Become the engine a fresh build would be for a new trial: its sampling settings (call-time
+        fields only: the caller keeps the built ones equal), its seed, and no cached prefixes. The
+        weights are the learner's to push (a fresh engine starts at pi_ref, so must this one)."""
+        self.rollout = rollout
+        self._rng = np.random.default_rng(seed)
+        self.llm.collective_rpc(_seed_engine_worker, args=(seed,))
+        self.llm.reset_prefix_cache()
 
-    def wake_up(self) -> None:
-        """Undo `sleep` before the next generate/update_weights (no-op where sleep was one)."""
-        if self.cuda and self.rollout.enable_sleep_mode:
-            self.llm.wake_up()
+def check_model_len(path: Path, rollout: RolloutConfig) -> None:
+    """rollout.max_model_len within the model's max_position_embeddings (vLLM's own error names neither)."""
+    limit = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
+    if isinstance(limit, int) and rollout.max_model_len > limit:
+        raise ValueError(f"rollout.max_model_len: {rollout.max_model_len} exceeds the model's "
+                         f"max_position_embeddings {limit} ({path / 'config.json'})")

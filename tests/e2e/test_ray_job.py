@@ -11,13 +11,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from e2e_helpers import ROOT, free_port, trial_runs
+from e2e_helpers import ROOT, free_port, kill_head, processes_under, trial_runs
 
 JOB_TIMEOUT_S = 480
 
@@ -35,27 +34,6 @@ def bash(script: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
                               timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"timed out after {timeout}s:\n{(exc.stdout or b'')[-3000:]!r}\n{(exc.stderr or b'')[-3000:]!r}")
-
-
-def processes_under(marker: str) -> list[int]:
-    """Pids whose command line mentions `marker` (this head's unique temp dir)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
-
-
-def kill_by_pid(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_readme_local_cluster_submits_the_smoke_study(run_dir):
@@ -96,7 +74,7 @@ def test_readme_local_cluster_submits_the_smoke_study(run_dir):
     finally:
         stopped = bash(stop, {**env, "HEAD_TMP": head_tmp}, 60)
         left = processes_under(head_tmp)
-        kill_by_pid(left)  # only if the README's stop missed some: then the test fails below
+        kill_head(head_tmp)  # only if the README's stop missed some: then the test fails below
     assert stopped.returncode == 0, stopped.stderr
     assert not left and not Path(head_tmp).exists(), left
     shutil.rmtree(study_dir, ignore_errors=True)

@@ -30,7 +30,7 @@ def learner_config(**dotted) -> Config:
 def test_bundles_fit_one_trial_in_two_cpus():
     from ray import tune
 
-    from workers.actors import bundles_for, rollout_bundle, worker_bundles
+    from workers.engines import bundles_for, worker_bundles
 
     config = Config()
     assert bundles_for(config) == [{"CPU": 0.0}, {"CPU": 1.0}, {"CPU": 1.0}]
@@ -38,14 +38,14 @@ def test_bundles_fit_one_trial_in_two_cpus():
     # Tune drops the all-zero head bundle: the trial reserves exactly its workers' 2 CPUs and the
     # placement group's bundle i is worker_bundles(config)[i].
     assert factory.head_bundle_is_empty and factory.required_resources == {"CPU": 2.0}
-    assert factory.bundles == worker_bundles(config) and rollout_bundle(config, 0) == 1
+    assert factory.bundles == worker_bundles(config)
     gpu = config.replace(**{"learner.gpus_per_worker": 1.0, "rollout.gpus_per_worker": 0.5,
                             "learner.num_workers": 2, "rollout.cpus_per_worker": 2.0})
     assert bundles_for(gpu)[1:] == [{"CPU": 1.0, "GPU": 1.0}] * 2 + [{"CPU": 2.0, "GPU": 0.5}]
 
 
 def test_placement_group_larger_than_cluster_refused(ray_session):
-    from workers.actors import create_placement_group
+    from workers.engines import create_placement_group
 
     with pytest.raises(ValueError, match="needs 3 CPU"):
         create_placement_group(learner_config())  # 2 learners + 1 rollout on a 2-CPU cluster
@@ -53,7 +53,7 @@ def test_placement_group_larger_than_cluster_refused(ray_session):
 
 @pytest.fixture(scope="module")
 def pg(ray_session):
-    from workers.actors import create_placement_group
+    from workers.engines import create_placement_group
 
     group = create_placement_group(learner_config(), rollouts=False)
     yield group
@@ -67,6 +67,14 @@ def test_missing_model_folder(pg, tmp_path):
         LearnerGroup(tmp_path / "absent", learner_config(), pg)
     with pytest.raises(FileNotFoundError, match="model_path"):
         RolloutGroup(tmp_path / "absent", learner_config(), pg, first_bundle=0)
+
+
+def test_unavailable_weight_sync_refused_before_any_actor_starts(pg, model_dir):
+    from workers.actors import LearnerGroup
+
+    config = learner_config(**{"rollout.weight_sync": "collective"})
+    with pytest.raises(ValueError, match="rollout.weight_sync: 'collective' is not available"):
+        LearnerGroup(model_dir, config, pg)
 
 
 def test_vocab_mismatch_refused_before_any_actor_starts(pg, model_dir, tmp_path):

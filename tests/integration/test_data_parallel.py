@@ -3,8 +3,9 @@
 Ranks see different rows yet must hold bit-identical weights after every step (DeepSpeed all-reduces the
 gradients), and the pair must match one process trained on the concatenated batch: the loss is
 normalised over the whole mini-batch across ranks, so data parallelism changes only float summation
-order. Also: a batch that does not split over the ranks is refused before dispatch, leaving the actors
-alive.
+order. The ranks run ZeRO-2 with a token budget per micro-batch, so their shards pack into uneven
+micro-batches whose number they must agree on; the single process runs plain row micro-batches.
+Also: a batch that does not split over the ranks is refused before dispatch, leaving the actors alive.
 """
 from __future__ import annotations
 
@@ -21,10 +22,21 @@ pytestmark = pytest.mark.timeout(600)  # bounded even on a loaded machine (idle:
 B, P, T, STEPS = 8, 5, 8, 3
 
 
+BUDGET = 18  # tokens per micro-batch: the ranks' shards pack into different numbers of micro-batches
+
+
 def make_config(**dotted) -> Config:
     base = {"learner.lr": 1e-3, "learner.micro_batch_size": 2, "learner.num_workers": 2,
             "rollout.n_samples": 2, "task.prompts_per_step": 4, "rollout.num_workers": 1}
     return Config().replace(**{**base, **dotted})
+
+
+def local_micro_batch_counts(batch: TrainBatch) -> list[int]:
+    from workers.sequence import pack_micro_batches
+
+    shards = [batch.shard(rank, 2).rollout for rank in range(2)]
+    return [len(pack_micro_batches(s.prompt_mask.sum(1).tolist(), s.response_mask.sum(1).tolist(), 2, BUDGET))
+            for s in shards]
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +63,11 @@ def synthetic_train_batch(vocab: int, seed: int) -> TrainBatch:
 @pytest.fixture(scope="module")
 def trained(ray_session, model_dir):
     """Run STEPS updates on two actors; return (per-rank weights, metrics, the batches used)."""
-    from workers.actors import LearnerGroup, create_placement_group
+    from workers.actors import LearnerGroup
+    from workers.engines import create_placement_group
 
-    config = make_config()
+    # ZeRO-2 reduces gradients at every backward, so the ranks must agree on their micro-batch count.
+    config = make_config(**{"learner.zero_stage": 2, "learner.max_tokens_per_micro_batch": BUDGET})
     pg = create_placement_group(config, rollouts=False)
     group = LearnerGroup(model_dir, config, pg)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
@@ -76,9 +90,11 @@ def test_ranks_bit_identical(trained):
 
 
 def test_matches_single_process_on_concatenated_batch(trained, model_dir):
+    """Two ZeRO-2 ranks with uneven, length-packed micro-batches against one plain ZeRO-0 process."""
     from workers.learner import LearnerWorker
 
     (rank0, _), metrics, batches, _ = trained
+    assert any(len(set(local_micro_batch_counts(b))) > 1 for b in batches)  # the ranks had to agree on a count
     single = LearnerWorker(model_dir, make_config(**{"learner.num_workers": 1}))
     single_metrics = [single.update(b) for b in batches]
     weights = dict(single.export_weights())

@@ -138,6 +138,36 @@ def test_update_is_invariant_to_micro_batch_size(model_dir, vocab, loss_agg):
     assert max((w_one[k] - w_acc[k]).abs().max() for k in w_one) < 0.05 * 1e-3
 
 
+def test_checkpointing_and_token_budget_change_no_result_under_zero_0_2_3(model_dir, vocab):
+    """Gradient checkpointing + a token budget (uneven micro-batches of 1, 1, 2, 3 and 1 rows, packed by
+    length, not in row order) give the plain learner's scores, row for row, and its update, under every
+    ZeRO stage: only memory and float summation order change."""
+    from workers.learner import LearnerWorker
+    from workers.sequence import pack_micro_batches
+
+    batch = synthetic_batch(vocab, seed=3)
+    budget = 24  # tokens per micro-batch; rows here have 3..15 tokens
+    packs = pack_micro_batches(batch.prompt_mask.sum(1).tolist(), batch.response_mask.sum(1).tolist(), 4, budget)
+    order = [i for p in packs for i in p]
+    assert sorted(len(p) for p in packs) == [1, 1, 1, 2, 3] and order != sorted(order)
+    plain = LearnerWorker(model_dir, make_config(**{"learner.micro_batch_size": 8}))
+    scores = plain.score(batch)
+    metrics = plain.update(train_batch(batch, scores, seed=2))
+    expected = weights(plain)
+    for stage in (0, 2, 3):
+        lrn = LearnerWorker(model_dir, make_config(**{
+            "learner.zero_stage": stage, "learner.gradient_checkpointing": True,
+            "learner.max_tokens_per_micro_batch": budget}))
+        got = lrn.score(batch)
+        for field in ("logprobs", "ref_logprobs", "entropy", "exact_kl_reverse"):
+            assert torch.allclose(getattr(got, field), getattr(scores, field), atol=1e-6), (stage, field)
+        m = lrn.update(train_batch(batch, got, seed=2))
+        assert m["learner/grad_norm"] == pytest.approx(metrics["learner/grad_norm"], rel=1e-5), stage
+        assert m["loss/total"] == pytest.approx(metrics["loss/total"], abs=1e-6), stage
+        w = weights(lrn)
+        assert max((w[k] - expected[k]).abs().max() for k in expected) < 0.05 * 1e-3, stage
+
+
 def test_checkpoint_restores_logprobs_and_continues_identically(model_dir, vocab, tmp_path):
     from workers.learner import LearnerWorker
 

@@ -132,14 +132,6 @@ def test_update_weights_matches_perturbed_hf_model(worker, hf_model, batch):
     assert torch.equal(restored.response_ids, batch.response_ids)
 
 
-def test_sleep_and_wake_up_are_noops_on_cpu(worker):
-    if torch.cuda.is_available():
-        pytest.skip("CPU behaviour only")
-    worker.sleep()
-    worker.wake_up()
-    assert worker.generate(["abc"], n=1, seed=0).batch_size == 1
-
-
 def test_missing_model_folder_names_the_path(tmp_path):
     from workers.rollout import RolloutWorker
 

@@ -25,15 +25,14 @@ def pg_bundles_free(ray, pg) -> bool:
 
 
 def test_a_failed_learner_start_shuts_the_started_rollout_down(ray_session, model_dir):
-    from orchestrator.trial import start_actors
-    from workers.actors import create_placement_group
+    from workers.engines import create_placement_group, start_engines
 
     config = Config().replace(**{"learner.backend": "nccl", "rollout.max_model_len": 128,
                                  "rollout.max_new_tokens": 8})
     pg = create_placement_group(config)
     # The learner dies in its constructor (nccl on a CPU-only machine) while vLLM starts fine beside it.
     with pytest.raises(Exception, match="learner.backend: 'nccl' needs a CUDA device"):
-        start_actors(model_dir, config, pg)
+        start_engines(model_dir, config, pg)
     deadline = time.monotonic() + 30
     while not pg_bundles_free(ray_session, pg) and time.monotonic() < deadline:
         time.sleep(0.5)  # ray.kill releases resources asynchronously

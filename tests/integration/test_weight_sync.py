@@ -51,7 +51,8 @@ def gap(scores, batch) -> float:
 @pytest.fixture(scope="module")
 def run(ray_session, config, model_dir):
     """rollout -> score -> update -> stale rollout -> sync -> fresh rollout, with everything measured."""
-    from workers.actors import LearnerGroup, RolloutGroup, create_placement_group
+    from workers.actors import LearnerGroup, RolloutGroup
+    from workers.engines import create_placement_group
 
     pg = create_placement_group(config)
     learner, rollout = LearnerGroup(model_dir, config, pg), RolloutGroup(model_dir, config, pg)

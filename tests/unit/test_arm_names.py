@@ -1,5 +1,5 @@
 """Arm labels in the report: sampled (Optuna) floats are shortened, grid values kept as written."""
-from orchestrator.report import arm_name
+from orchestrator.study_runs import arm_name
 
 
 def test_sampled_floats_are_shortened_and_grid_values_kept():

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
-from core.config import Config, ConfigError, field_names, flatten
+from core.config import Config, ConfigError, advisories, field_names, flatten
 
 BAD = [
     # (id, input, the field the message must name, another substring the message must contain)
@@ -38,9 +39,25 @@ BAD = [
      "min_letters"),
     ("deepscaler-without-data", {"task": {"name": "deepscaler"}}, "task.data_path", "deepscaler"),
     ("unknown-task", {"task": {"name": "gsm8k"}}, "task.name", "palindrome"),
-    ("top-p-zero", {"rollout": {"top_p": 0.0}}, "rollout.top_p", "(0, 1]"),
+    ("top-p-zero", {"rollout": {"top_p": 0.0}}, "rollout.top_p", "must be 1.0"),
     ("unknown-dtype", {"model": {"dtype": "fp16"}}, "model.dtype", "bfloat16"),
     ("heads-do-not-divide", {"model": {"tiny": {"num_heads": 3}}}, "model.tiny.num_heads", "hidden_size"),
+    ("kl-coef-inf", {"algorithm": {"kl_coef": math.inf}}, "algorithm.kl_coef", "finite number, got inf"),
+    # NaN fails every comparison, so fields without a range check took it
+    ("tiny-sft-lr-nan", {"model": {"tiny": {"sft_lr": math.nan}}}, "model.tiny.sft_lr", "finite number, got nan"),
+    ("tensor-parallel-2", {"rollout": {"tensor_parallel_size": 2}}, "rollout.tensor_parallel_size",
+     "raise rollout.num_workers"),
+    ("top-p-below-one", {"rollout": {"top_p": 0.95}}, "rollout.top_p", "nucleus mask"),
+    ("k3-in-loss-unclamped", {"algorithm": {"kl_mode": "in_loss", "kl_estimator": "k3"}}, "algorithm.kl_clamp",
+     "allow_unclamped_k3: true"),
+    ("k3-plus-in-loss-unclamped", {"algorithm": {"kl_mode": "in_loss", "kl_estimator": "k3_plus"}},
+     "algorithm.kl_clamp", "overflows float32"),
+    ("k3-in-reward-unclamped", {"algorithm": {"kl_mode": "in_reward", "kl_estimator": "k3"}}, "algorithm.kl_clamp",
+     "kl_mode=in_reward"),
+    ("sequences-per-step-absurd", {"rollout": {"n_samples": 10**6}}, "rollout.n_samples", "1,048,576"),
+    ("prompts-per-step-absurd", {"task": {"prompts_per_step": 2**20, "train_size": 2**20}}, "task.prompts_per_step",
+     "8,388,608 sequences"),
+    ("eval-sequences-absurd", {"run": {"eval_n_samples": 10**6}}, "run.eval_n_samples", "32,000,000 sequences"),
 ]
 
 
@@ -95,3 +112,23 @@ def test_replace_validates_and_leaves_the_original_alone():
         base.replace(**{"algorithm.nope": 1})
     with pytest.raises(dataclasses.FrozenInstanceError):
         base.algorithm.kl_coef = 1.0  # type: ignore[misc]
+
+
+def test_unclamped_k3_needs_an_explicit_opt_in_and_a_clamp_is_enough():
+    k3 = {"kl_mode": "in_loss", "kl_estimator": "k3"}
+    assert Config.from_dict({"algorithm": {**k3, "allow_unclamped_k3": True}}).algorithm.kl_clamp == 0
+    assert Config.from_dict({"algorithm": {**k3, "kl_clamp": 10}}).algorithm.kl_clamp == 10
+    assert Config.from_dict({"algorithm": {"kl_mode": "none", "kl_estimator": "k3"}})  # k3 unused: no clamp needed
+    assert Config.from_dict({"algorithm": {"kl_mode": "in_loss", "kl_estimator": "k2"}})  # k2 cannot overflow
+
+
+@pytest.mark.parametrize("mode, estimator, biased", [
+    ("in_reward", "k1", False), ("in_reward", "k2", True), ("in_reward", "k3", True),
+    ("in_reward", "exact_reverse", True), ("in_reward", "exact_forward", True),
+    ("in_loss", "k2", False), ("in_loss", "k3", False), ("none", "k3", False)])
+def test_in_reward_estimators_other_than_k1_are_legal_but_warned_about(mode, estimator, biased):
+    config = Config.from_dict({"algorithm": {"kl_mode": mode, "kl_estimator": estimator, "kl_clamp": 10}})
+    notes = advisories(config)
+    assert len(notes) == int(biased)
+    if biased:
+        assert notes[0].startswith("algorithm.kl_estimator: ") and "biased gradient" in notes[0] and "k1" in notes[0]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.diversity import (diversity_metrics, distinct_answers, distinct_n, grouped_distinct_n,
-                            mean_pairwise_cosine, pass_at_k, pass_at_k_metrics)
+from core.diversity import (answer_entropy, coverage_metrics, distinct_answers, distinct_n, diversity_metrics,
+                            grouped_distinct_n, mean_pairwise_cosine, pass_at_k, pass_at_k_ks, pass_at_k_metrics)
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:
@@ -42,12 +42,20 @@ def test_pass_at_k_rejects_bad_arguments(n, c, k):
 
 def test_pass_at_k_metrics_averages_prompts():
     correct = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=bool)
-    m = pass_at_k_metrics(correct, ks=[1, 2, 4])
-    assert m["eval/pass@1"] == pytest.approx((0.25 + 1 + 0) / 3)
-    assert m["eval/pass@2"] == pytest.approx((0.5 + 1 + 0) / 3)
-    assert m["eval/pass@4"] == pytest.approx(2 / 3)
-    assert m["eval/pass@k"] == m["eval/pass@4"]
-    assert set(pass_at_k_metrics(torch.tensor(correct))) == {"eval/pass@1", "eval/pass@4", "eval/pass@k"}
+    m = pass_at_k_metrics(correct)
+    assert set(m) == {"eval/pass_at_1", "eval/pass_at_2", "eval/pass_at_4"}  # default k: 1, 2, 4 = n
+    assert m["eval/pass_at_1"] == pytest.approx((0.25 + 1 + 0) / 3)
+    assert m["eval/pass_at_2"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert m["eval/pass_at_4"] == pytest.approx(2 / 3)
+    assert set(pass_at_k_metrics(torch.tensor(correct), ks=[3, 1])) == {"eval/pass_at_1", "eval/pass_at_3"}
+    assert not any("@" in k for k in pass_at_k_metrics(correct))  # MLflow keys cannot hold '@'
+
+
+def test_pass_at_k_curve_ks():
+    assert pass_at_k_ks(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert pass_at_k_ks(6) == [1, 2, 4, 6] and pass_at_k_ks(1) == [1] and pass_at_k_ks(2) == [1, 2]
+    with pytest.raises(ValueError, match="pass_at_k_ks"):
+        pass_at_k_ks(0)
 
 
 def test_distinct_n_hand_computed():
@@ -93,6 +101,55 @@ def test_distinct_answers_counts_valid_and_any():
     m = distinct_answers(answers, valid, [0, 0, 0, 0, 1, 1, 1, 1])
     # prompt 0: valid {aba, bab} = 2, any {aba, bab} = 2; prompt 1: valid 0, any {xyz, abc} = 2.
     assert m == {"diversity/distinct_valid": 1.0, "diversity/distinct_answers": 2.0}
+
+
+def test_answer_entropy_hand_computed():
+    assert answer_entropy(["aba", "aba", None, "aba"]) == 0.0  # one answer: no uncertainty
+    assert answer_entropy(["aba", "bab", None, None]) == pytest.approx(math.log(2))  # invalid samples left out
+    # counts 2, 1, 1 of 4: -(1/2 log 1/2 + 2 * 1/4 log 1/4) = 1.5 log 2
+    assert answer_entropy(["x", "x", "y", "z"]) == pytest.approx(1.5 * math.log(2))
+    assert math.isnan(answer_entropy([None, None])) and math.isnan(answer_entropy([]))
+
+
+def test_coverage_metrics_hand_computed():
+    ref = [["aba", "bab", "aba", None],  # S_ref = {aba, bab}
+           ["cc", None, None, None],  # S_ref = {cc}
+           [None, None, None, None]]  # S_ref empty: skipped by coverage
+    pi = [["aba", "aba", "xyx", None],  # S_pi = {aba, xyx}: covers 1/2, novelty 1/2, entropy H(2/3, 1/3)
+          [None, None, None, None],  # S_pi empty: covers 0/1, skipped by novelty and entropy
+          ["dd", "ee", None, None]]  # novelty 2/2 (pi_ref found nothing), entropy log 2
+    m = coverage_metrics(pi, ref)
+    assert set(m) == {"eval/answer_coverage", "eval/answer_novelty", "eval/answer_entropy", "eval/distinct_valid"}
+    assert m["eval/answer_coverage"] == pytest.approx((1 / 2 + 0) / 2)
+    assert m["eval/answer_novelty"] == pytest.approx((1 / 2 + 1) / 2)
+    h = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    assert m["eval/answer_entropy"] == pytest.approx((h + math.log(2)) / 2)
+    assert m["eval/distinct_valid"] == pytest.approx((2 + 0 + 2) / 3)
+
+
+def test_coverage_of_pi_ref_against_itself():
+    ref = [["aba", "bab", None], ["cc", "cc", "cc"]]
+    m = coverage_metrics(ref, ref)
+    assert m["eval/answer_coverage"] == 1.0 and m["eval/answer_novelty"] == 0.0
+    assert m["eval/answer_entropy"] == pytest.approx(math.log(2) / 2)
+
+
+def test_coverage_metrics_all_invalid_and_bad_input():
+    m = coverage_metrics([[None, None]], [[None, None]])
+    assert math.isnan(m["eval/answer_coverage"]) and math.isnan(m["eval/answer_novelty"])
+    assert math.isnan(m["eval/answer_entropy"]) and m["eval/distinct_valid"] == 0.0
+    collapsed = coverage_metrics([[None, None]], [["aba", "bab"]])  # the policy lost every answer
+    assert collapsed["eval/answer_coverage"] == 0.0 and math.isnan(collapsed["eval/answer_novelty"])
+    with pytest.raises(ValueError, match="coverage_metrics: valid_answers has 1 prompts but ref_valid_answers has 2"):
+        coverage_metrics([["a"]], [["a"], ["b"]])
+    with pytest.raises(ValueError, match="no eval prompts"):
+        coverage_metrics([], [])
+
+
+def test_distinct_answers_compares_normalised_answers_as_given():
+    # normalising is the task's job (Task.valid_answer); given un-normalised strings they stay distinct
+    assert distinct_answers(["ABA", "aba"], [True, True], [0, 0])["diversity/distinct_valid"] == 2.0
+    assert distinct_answers(["aba", "aba"], [True, True], [0, 0])["diversity/distinct_valid"] == 1.0
 
 
 def test_diversity_metrics_keys():

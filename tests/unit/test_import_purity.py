@@ -33,3 +33,10 @@ def test_core_modules_do_not_import_engines():
     assert {"core.kl", "core.advantages", "core.losses", "core.metrics", "core.config", "core.types"} <= set(modules)
     # torch is watched too, as a guard that the check can fail: core does import it, so it must be seen.
     assert _imported_after(modules, FORBIDDEN + ("torch",)) == ["torch"]
+
+
+def test_trial_loop_imports_no_engine_ray_or_hub():
+    """orchestrator/trial.py talks to engines through core.types' protocols only (docs/DESIGN.md)."""
+    modules = ["orchestrator.trial", "orchestrator.checkpoint", "orchestrator.evaluation"]
+    watch = ("ray", "transformers", "huggingface_hub", "vllm", "deepspeed", "mlflow", "numpy")
+    assert _imported_after(modules, watch) == ["numpy"]  # numpy: the check sees what is imported

@@ -11,7 +11,8 @@ from orchestrator.search_space import load_study
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 ARMS = [{"name": "none", "algorithm.kl_mode": "none"},
         {"name": "reverse_k1_in_reward", "algorithm.kl_mode": "in_reward", "algorithm.kl_estimator": "k1"},
-        {"name": "k3_in_loss", "algorithm.kl_mode": "in_loss", "algorithm.kl_estimator": "k3"}]
+        {"name": "k3_in_loss", "algorithm.kl_mode": "in_loss", "algorithm.kl_estimator": "k3",
+         "algorithm.kl_clamp": 10.0}]  # a setting that comes with its arm: not a suffix
 
 
 def study_from(tmp_path, grid: dict, **extra):

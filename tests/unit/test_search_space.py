@@ -1,6 +1,7 @@
 """Study files: grid expansion (field and bundle axes), Optuna spaces, and validation before anything runs."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -8,11 +9,12 @@ import yaml
 
 from orchestrator.config_io import SpecError
 from orchestrator.search_space import load_study
+from workers.device import actor_device
 
 SPACES = sorted((Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml"))
 ARMS = [{"algorithm.kl_mode": "none"},
         {"algorithm.kl_mode": "in_reward", "algorithm.kl_estimator": "k1"},
-        {"algorithm.kl_mode": "in_loss", "algorithm.kl_estimator": "k3"}]
+        {"algorithm.kl_mode": "in_loss", "algorithm.kl_estimator": "k3", "algorithm.kl_clamp": 10}]
 
 
 def write(tmp_path, data: dict, name: str = "study.yaml") -> Path:
@@ -22,7 +24,8 @@ def write(tmp_path, data: dict, name: str = "study.yaml") -> Path:
 
 
 def study_dict(**extra) -> dict:
-    return {"name": "t", "base": {"run": {"steps": 2}}, "grid": {"arms": ARMS, "run.seed": [0, 1]}, **extra}
+    return copy.deepcopy({"name": "t", "base": {"run": {"steps": 2}}, "grid": {"arms": ARMS, "run.seed": [0, 1]},
+                          **extra})
 
 
 def test_shipped_spaces_exist():
@@ -32,11 +35,25 @@ def test_shipped_spaces_exist():
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
 def test_every_shipped_space_validates(path):
+    from orchestrator.preflight import check_study
+
     study = load_study(path)
     assert study.name == path.stem
     assert study.num_trials() >= 1
     for labels in study.grid():
         study.trial_config(labels)
+    assert study.warnings == () and check_study(study) == ()  # against this machine and the local models
+
+
+def test_seed_studies_clamp_k3_and_only_k3():
+    """k3 in the loss overflows unclamped (core/config.py); the seed studies clamp it at 10 as verl does, and
+    leave k1 in the reward unclamped (verl never clamps k1)."""
+    for stem in ("seed_palindrome_r1_1p5b", "seed_deepscaler_r1_1p5b", "miniature", "smoke"):
+        study = load_study(next(p for p in SPACES if p.stem == stem))
+        for labels in study.grid():
+            a = study.trial_config(labels).algorithm
+            assert (a.kl_clamp, a.allow_unclamped_k3) == ((10.0, False) if a.kl_estimator == "k3" and
+                                                          a.kl_mode != "none" else (0.0, False)), (stem, labels)
 
 
 def test_seed_studies_hold_the_three_arms_on_gpus():
@@ -48,7 +65,8 @@ def test_seed_studies_hold_the_three_arms_on_gpus():
         if stem.startswith("seed_"):
             cfg = study.trial_config(study.grid()[0])
             assert cfg.learner.gpus_per_worker >= 1 and cfg.rollout.gpus_per_worker >= 1
-            assert (cfg.learner.backend, cfg.model.dtype) == ("nccl", "bfloat16")
+            learner = actor_device(cfg.learner.cpus_per_worker, cfg.learner.gpus_per_worker)
+            assert (learner.dist_backend(cfg.learner.backend), cfg.model.dtype) == ("nccl", "bfloat16")
             assert "DeepSeek-R1-Distill-Qwen-1.5B" in cfg.model.path
 
 
@@ -72,10 +90,12 @@ def test_bundle_names_label_trials(tmp_path):
     assert study.trial_name(study.grid()[1]) == "k3loss"
 
 
-def test_set_overrides_the_base_and_the_grid_wins(tmp_path):
-    study = load_study(write(tmp_path, study_dict()), ["run.steps=9", "run.seed=5"])
+def test_set_overrides_the_base(tmp_path):
+    study = load_study(write(tmp_path, study_dict()), ["run.steps=9", "learner.lr=1e-3"])
     cfg = study.trial_config(study.grid()[1])
-    assert cfg.run.steps == 9 and cfg.run.seed == 1
+    assert (cfg.run.steps, cfg.learner.lr, cfg.run.seed) == (9, 1e-3, 1)
+    assert study.overrides == ("run.steps=9", "learner.lr=1e-3") and study.file_base["run"] == {"steps": 2}
+    assert study.from_file_only().trial_config(study.grid()[1]).run.steps == 2
 
 
 def test_no_grid_is_one_trial(tmp_path):
@@ -86,7 +106,7 @@ def test_no_grid_is_one_trial(tmp_path):
 def test_param_space_for_tune_grid(tmp_path):
     study = load_study(write(tmp_path, study_dict()))
     space = study.param_space()
-    assert space["grid"]["arms"] == {"grid_search": ["none", "in_reward-k1", "in_loss-k3"]}
+    assert space["grid"]["arms"] == {"grid_search": ["none", "in_reward-k1", "in_loss-k3-10"]}
     assert space["grid"]["run.seed"] == {"grid_search": ["seed=0", "seed=1"]}
 
 
@@ -148,8 +168,8 @@ def test_bad_studies_are_rejected_with_file_and_key(tmp_path, mutate, key):
 
 
 def test_bad_set_override_is_named(tmp_path):
-    with pytest.raises(SpecError, match=r"study.yaml: base: learner.lr: must be > 0"):
-        load_study(write(tmp_path, study_dict()), ["learner.lr=0"])
+    with pytest.raises(SpecError, match=r"^--set learner.lr=0: learner.lr: must be > 0"):
+        load_study(write(tmp_path, study_dict()), ["run.steps=3", "learner.lr=0"])
 
 
 def test_cluster_yaml_is_a_valid_ray_cluster_config():
@@ -176,3 +196,71 @@ def test_optuna_searcher_accepts_the_space_and_suggests_valid_trials():
         config = study.trial_config(suggestion["grid"], suggestion["search"])
         assert lo <= config.algorithm.kl_coef <= hi and config.algorithm.kl_mode == "in_reward"
         searcher.on_trial_complete(f"t{i}", {tune_config.metric: 0.1 * i, "training_iteration": 1})
+
+
+OPTUNA_LR = {"metric": "reward/mean", "mode": "max", "num_samples": 2,
+             "params": {"learner.lr": {"loguniform": [1e-5, 1e-3]}}}
+
+
+@pytest.mark.parametrize("mutate, where, message", [
+    # the issue's case: the arm's seed 7 was silently replaced by the axis's seeds
+    (lambda d: d["grid"]["arms"][0].update({"run.seed": 7}), "grid.arms[0].run.seed",
+     "run.seed is also set by grid.run.seed"),
+    (lambda d: d["grid"].update({"lrs": [{"learner.lr": 1e-4}, {"learner.lr": 1e-3, "algorithm.kl_mode": "none"}]}),
+     "grid.lrs[1].algorithm.kl_mode", "algorithm.kl_mode is also set by grid.arms[0].algorithm.kl_mode"),
+    (lambda d: d.update(optuna={**OPTUNA_LR, "params": {"run.seed": {"randint": [0, 9]}}}), "optuna.params.run.seed",
+     "also set by grid.run.seed; Optuna's sample would silently replace"),
+    (lambda d: d["grid"].update({"arms": [dict(ARMS[0], name="a"), dict(ARMS[0], name="b")]}), "grid.arms[1]",
+     "sets exactly what grid.arms[0] (a) sets"),
+    (lambda d: d["base"].update(tracking={"tracking_uri": "ftp://host/mlflow"}), "base",
+     "tracking.tracking_uri: 'ftp://host/mlflow' is unsupported scheme 'ftp://'; klrl tracks to sqlite:///"),
+    (lambda d: d["base"].update(tracking={"tracking_uri": "runs/mlruns"}), "base",
+     "tracking.tracking_uri: 'runs/mlruns' is a plain path (MLflow's file store)"),
+])
+def test_silent_overrides_and_unusable_settings_are_refused(tmp_path, mutate, where, message):
+    data = study_dict()
+    mutate(data)
+    path = write(tmp_path, data, "bad_study.yaml")
+    with pytest.raises(SpecError) as info:
+        load_study(path)
+    assert str(info.value).startswith(f"{path}: {where}: "), str(info.value)
+    assert message in str(info.value)
+
+
+def test_non_finite_optuna_range_from_a_dict_is_refused():
+    """A study dict that did not come through the YAML loader (e.g. built in Python) is checked too."""
+    from orchestrator.search_space import parse_study
+
+    data = study_dict(optuna={**OPTUNA_LR, "params": {"algorithm.kl_coef": {"uniform": [0.0, float("inf")]}}})
+    with pytest.raises(SpecError, match=r"^s.yaml: optuna.params.algorithm.kl_coef.uniform: expected finite values"):
+        parse_study(data, "s.yaml")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["run.seed=5"], "--set run.seed=5: run.seed: set by grid.run.seed in every trial, which would silently override"),
+    (["learner.lr=1e-4"], "--set learner.lr=1e-4: learner.lr: set by optuna.params.learner.lr"),
+    (["algorithm.kl_coeff=0.1"], "--set algorithm.kl_coeff=0.1: algorithm.kl_coeff: unknown key"),
+    (["run.steps=3", "rollout.max_new_tokens=600"],
+     "--set run.steps=3 --set rollout.max_new_tokens=600: rollout.max_model_len: must exceed rollout.max_new_tokens"),
+    (["task.train_size=12"], "--set task.train_size=12: grid.run.seed=seed=0, grid.task.prompts_per_step="
+                             "prompts_per_step=16: task.train_size: must be >= task.prompts_per_step (16)"),
+    (["tracking.tracking_uri=s3://bucket/x"], "--set tracking.tracking_uri=s3://bucket/x: tracking.tracking_uri: "
+                                              "'s3://bucket/x' is unsupported scheme 's3://'"),
+])
+def test_set_errors_name_the_set_not_the_study_file(tmp_path, overrides, message):
+    data = study_dict(grid={"run.seed": [0, 1], "task.prompts_per_step": [16]}, optuna=OPTUNA_LR)
+    with pytest.raises(SpecError) as info:
+        load_study(write(tmp_path, data), overrides)
+    assert str(info.value).startswith(message), str(info.value)
+    assert "study.yaml" not in str(info.value)
+
+
+def test_in_reward_estimators_other_than_k1_are_warnings_naming_the_arm(tmp_path):
+    in_reward = {"algorithm.kl_mode": "in_reward"}
+    arms = [dict(ARMS[1], name="k1r"), {**in_reward, "name": "k2r", "algorithm.kl_estimator": "k2"},
+            {**in_reward, "name": "exr", "algorithm.kl_estimator": "exact_reverse"}]
+    path = write(tmp_path, study_dict(grid={"arms": arms, "run.seed": [0, 1]}))
+    study = load_study(path)
+    assert study.num_trials() == 6  # still runs: a warning, not an error
+    assert [w.split(": ")[1] for w in study.warnings] == ["grid.arms[1] (k2r)", "grid.arms[2] (exr)"]
+    assert all(w.startswith(f"{path}: ") and "biased gradient" in w for w in study.warnings)
