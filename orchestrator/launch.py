@@ -220,8 +220,8 @@ def open_study_runs(study: Study, run_dir: Path, uri: str, resume: bool, storage
         tracker.reopen(state["parent_run_id"])
         return tracker, state["experiment_id"], state["parent_run_id"]
     experiment_id = tracker.ensure_experiment(experiment_name(study), artifact_dir=run_dir / "mlartifacts")
-    parent = tracker.start_run(experiment_id, study.name, {STUDY_TAG: study.name, ROLE_TAG: "study", "klrl.run_dir": str(run_dir),
-                                                           "git_commit": git_commit()})
+    parent = tracker.start_run(experiment_id, study.name, {STUDY_TAG: study.name, ROLE_TAG: "study",
+                                                           "klrl.run_dir": str(run_dir), "git_commit": git_commit()})
     tracker.log_params(parent, {"study.file": study.path, "study.trials": study.num_trials(),
                                 "study.axes": ",".join(a.name for a in study.axes) or "-"})
     tracker.log_text(parent, (run_dir / "study.yaml").read_text(), "study.yaml")

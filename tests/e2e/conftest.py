@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from e2e_helpers import SMOKE, Outside, fresh_shell_env, klrl
 
 

@@ -7,8 +7,9 @@ import subprocess
 import time
 
 import pytest
-from e2e_helpers import ROOT, SMOKE, free_port, fresh_shell_env, klrl, trial_runs
 from mlflow import MlflowClient
+
+from e2e_helpers import ROOT, SMOKE, free_port, fresh_shell_env, klrl, trial_runs
 
 SMOKE_TRIALS, SMOKE_STEPS = 2, 3
 

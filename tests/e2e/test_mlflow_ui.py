@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from e2e_helpers import KLRL, ROOT, Outside, free_port, fresh_shell_env
 
 TRIAL_NAMES = ("none s0", "k3·loss s0")

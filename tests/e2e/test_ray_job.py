@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from e2e_helpers import ROOT, free_port, kill_head, processes_under, trial_runs
 
 JOB_TIMEOUT_S = 480
