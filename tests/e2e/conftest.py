@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_helpers import SMOKE, Outside, fresh_shell_env, klrl
+from e2e_helpers import ROOT, SMOKE, Outside, fresh_shell_env, klrl
 
 
 @pytest.fixture()
@@ -30,6 +30,7 @@ class SmokeStudy:
     storage: Path  # Tune's --storage-path (stands in for the NFS/S3 path a cluster would use)
     done: subprocess.CompletedProcess
     elapsed_s: float
+    commit: str  # the checkout's HEAD when the study started ('' outside a git checkout)
     outside: Outside  # /tmp and $HOME, watched around the study and the commands run on it later
 
 
@@ -40,8 +41,9 @@ def smoke_study(run_dir) -> SmokeStudy:
     path = Path(run_dir) / "e2e" / uuid.uuid4().hex[:8]
     home, storage = path / "home", path / "shared_storage"
     home.mkdir(parents=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     outside, start = Outside(path / "outside"), time.monotonic()
     done = klrl("run", SMOKE, "--run-dir", str(path), "--storage-path", str(storage), env=fresh_shell_env(home),
                 outside=outside)
-    yield SmokeStudy(path, home, storage, done, time.monotonic() - start, outside)
+    yield SmokeStudy(path, home, storage, done, time.monotonic() - start, commit, outside)
     shutil.rmtree(path, ignore_errors=True)

@@ -3,7 +3,6 @@ test_resume.py)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 
 import pytest
@@ -48,8 +47,7 @@ def test_smoke_study_runs_end_to_end(smoke_study):
     assert sorted(names) == ["k3·loss s0", "none s0"]  # short names that fit the UI's column
     assert names["none s0"]["kl_estimator"] == "-" and names["k3·loss s0"]["kl_estimator"] == "k3"
     assert names["k3·loss s0"]["klrl.long_name"] == "k3_in_loss"
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    assert {tags["git_commit"] for tags in names.values()} == {head or "unknown"}
+    assert {tags["git_commit"] for tags in names.values()} == {smoke_study.commit or "unknown"}
     print(f"smoke study wall time: {smoke_study.elapsed_s:.0f}s")
 
 

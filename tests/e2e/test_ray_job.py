@@ -48,6 +48,7 @@ def test_readme_local_cluster_submits_the_smoke_study(run_dir):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     study_dir = Path(env["KLRL_RUN_DIR"]) / "smoke"  # where `klrl submit` puts it by default
     shutil.rmtree(study_dir, ignore_errors=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     done = bash(script + '\nstatus=$?\necho "HEAD_TMP=$HEAD_TMP"\nexit $status\n', env, JOB_TIMEOUT_S)
     head_tmp = re.search(r"^HEAD_TMP=(\S+)$", done.stdout, flags=re.M).group(1)
     assert head_tmp.startswith("/tmp/klrl-head-")
@@ -57,7 +58,6 @@ def test_readme_local_cluster_submits_the_smoke_study(run_dir):
         assert "[1/2 none s0] step 1/3 reward" in done.stdout  # the job's logs: plain progress lines
         runs = trial_runs(study_dir)
         assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         assert {r.data.tags["git_commit"] for r in runs} == {head or "unknown"}  # the commit, not 'unknown'
         state = json.loads((study_dir / "driver.json").read_text())
         assert state["tracking_uri"] == f"sqlite:///{study_dir / 'mlflow.db'}"
