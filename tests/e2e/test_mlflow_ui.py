@@ -114,6 +114,7 @@ def test_mlflow_ui_opens_on_the_trial_runs_in_a_browser(smoke_study, chromium):
     assert "workflowType=machine_learning" in url
     assert "2 matching runs" in text  # the runs table lists exactly the two trials, not the parent
     assert "Evaluation" not in text and "Traces" in text  # model-training navigation (GenAI mode says Evaluation)
+    assert "collects usage data" not in text  # MLflow's telemetry notice
     print(f"rendered: {text[:400]}")
 
 
