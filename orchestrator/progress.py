@@ -57,9 +57,8 @@ class StudyBoard:
     are due. Every method returns the line to show (or None).
 
     ETA = (steps left x wall time per step + trials not started x start-up time) / trials running at once,
-    with the medians of what this session has seen: the wall time between consecutive reports of a trial,
-    and a trial's start to its first report (the first trial's also holds one-off compilation, hence the
-    median rather than the mean).
+    from what this session has seen: the median wall time between consecutive reports of a trial (steps with
+    an evaluation are slower), and the latest trial's start to its first report (see eta_s).
     """
 
     def __init__(self, total_trials: int, total_steps: int, clock: Callable[[], float] = time.monotonic,
@@ -132,7 +131,9 @@ class StudyBoard:
             return None
         begun = sum(1 for t in self.trials.values() if t.started_at is not None or t.step >= t.steps_total)
         to_start = max(0, self.total_trials - begun)
-        startup = statistics.median(self.startups) if self.startups else 0.0
+        # The latest start-up, not a mean: once Tune reuses a finished trial's process (and its warm engines)
+        # a trial starts in a second, while the first, cold start took 20 s and more.
+        startup = self.startups[-1] if self.startups else 0.0
         work = max(0, self.total_steps - self.steps_done()) * statistics.median(self.step_walls)
         return (work + to_start * startup) / self.most_running
 
@@ -279,7 +280,7 @@ class StudyProgress(tune.Callback):
         self._guard(self._result, trials, trial, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._guard(lambda: self.display.news(self.board.finish(self._track(trials, trial), trial.last_result)))
+        self._guard(self._complete, trials, trial)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._guard(self._failed, trials, trial, True)
@@ -295,6 +296,14 @@ class StudyProgress(tune.Callback):
             if other.status == "TERMINATED" and other.trial_id not in self.board.trials:
                 self._track(trials, other)
         self.display.news(self.board.start(self._track(trials, trial)))
+
+    def _complete(self, trials, trial) -> None:
+        self.display.news(self.board.finish(self._track(trials, trial), trial.last_result))
+        # The last trial: the bars end here, before Tune's closing output (Tune marks `trial` TERMINATED after
+        # this call; a search creates its trials as it goes, hence the count).
+        if len(trials) >= self.board.total_trials and all(t is trial or t.status in ("TERMINATED", "ERROR")
+                                                           for t in trials):
+            self.display.close()
 
     def _result(self, trials, trial, result: dict) -> None:
         key = self._track(trials, trial, result)

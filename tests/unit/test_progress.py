@@ -45,7 +45,7 @@ def test_lines_are_rate_limited_per_trial_but_first_and_last_steps_always_show()
     assert shown[-1] == "[3/6 k3·loss s0] step 20/20 reward 0.66 kl 0.013 · 0.21 s/step · study ETA 2m30s"
 
 
-def test_eta_counts_trials_done_earlier_concurrency_and_the_median_start_up():
+def test_eta_counts_trials_done_earlier_concurrency_and_the_latest_start_up():
     clock = Clock()
     board = progress.StudyBoard(total_trials=4, total_steps=40, clock=clock)
     board.track("done", 1, "none s0", steps_total=10, step=10)  # finished before --resume
@@ -60,8 +60,8 @@ def test_eta_counts_trials_done_earlier_concurrency_and_the_median_start_up():
     for step, now in ((6, 32.0), (7, 34.0)):
         clock.now = now
         board.result("b", report(step))
-    # 40 - (10 + 7 + 1) = 22 steps at 2 s, 1 trial to start at median(30, 12) = 21 s, 2 at once
-    assert board.eta_s() == (22 * 2.0 + 21.0) / 2
+    # 40 - (10 + 7 + 1) = 22 steps at 2 s, 1 trial to start at the latest start-up (12 s), 2 at once
+    assert board.eta_s() == (22 * 2.0 + 12.0) / 2
     assert board.finish("b", report(10)).startswith("[2/4 none s1] finished 10/10 steps in 34s · reward 0.66")
 
 
@@ -106,6 +106,20 @@ def test_rich_display_draws_bars_and_prints_news_above_them():
     display.close()
     text = out.getvalue()
     assert "[1/2 none s0] starting" in text and "2/3" in text and "study" in text
+
+
+def test_the_last_trial_to_finish_ends_the_display_before_tunes_closing_output():
+    study = load_study(MINIATURE)
+    closed = []
+    display = SimpleNamespace(news=lambda line: None, step=lambda *a: None, close=lambda: closed.append(True))
+    callback = progress.StudyProgress(study, display=display, clock=Clock())
+    callback.setup()
+    trials = [SimpleNamespace(trial_id=f"t{i}", config={"grid": labels}, last_result=report(20), status="RUNNING")
+              for i, labels in enumerate(study.grid())]
+    for trial in trials:
+        callback.on_trial_complete(0, trials, trial)
+        assert closed == ([True] if trial is trials[-1] else [])
+        trial.status = "TERMINATED"  # as Tune sets it after the callback
 
 
 def test_tune_table_shows_at_start_and_end_only_without_the_staging_logdir(capsys):
