@@ -307,7 +307,7 @@ def cmd_ui(args) -> int:
     _configure_env(run_dir, None)  # the UI process inherits it: no MLflow telemetry or lock file outside
     mlflow = Path(sys.executable).with_name("mlflow")
     argv = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", uri,
-            "--host", "127.0.0.1", "--port", str(args.port)]
+            "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]  # one person's browser, not 4
     base = f"http://127.0.0.1:{args.port}"
     print(f"klrl: MLflow UI for {run_dir} (Ctrl-C stops it): {' '.join(argv)}")
     print(f"klrl: open {ui_url(base, experiment_id) if experiment_id else base}", flush=True)
