@@ -89,7 +89,7 @@ def cmd_run(args) -> int:
     for warning in warnings:
         _warn(warning)
     run_dir = default_run_dir(study.name, args.run_dir)
-    if not _usable_in_job(run_dir, study.name):
+    if not submit.usable_in_job(run_dir, study.name):
         return EXIT_SPEC
     _configure_env(run_dir, args.run_dir)
     from orchestrator import launch
@@ -117,27 +117,6 @@ def cmd_run(args) -> int:
     if outcome.interrupted:
         print(f"klrl: continue with: klrl run {shlex.quote(args.space)} --resume --run-dir {run_dir}")
     return EXIT_OK if outcome.ok else (EXIT_INTERRUPTED if outcome.interrupted else EXIT_TRIALS)
-
-
-def _usable_in_job(run_dir: Path, study_name: str) -> bool:
-    """Under `ray job submit --working-dir`, refuse a run dir inside Ray's temporary copy of the working
-    dir (deleted with the session); and with no commit passed in, tag trials `unknown` rather than read
-    whatever repository happens to enclose the copy."""
-    from orchestrator.tracking import GIT_COMMIT_ENV
-
-    copy = submit.job_copy()
-    if copy is None:
-        return True
-    if submit.inside(run_dir, copy):
-        _err(f"run dir {run_dir} is inside Ray's temporary copy of the job's working dir ({copy}), which Ray "
-             f"deletes: pass an absolute run dir the head node keeps, e.g. --run-dir "
-             f"{Path.home() / 'klrl-runs' / study_name}, or submit with `klrl submit`, which passes one")
-        return False
-    if not os.environ.get(GIT_COMMIT_ENV):
-        _err(f"warning: this Ray job's working dir has no git metadata: trials are tagged git_commit=unknown "
-             f"(`klrl submit` passes the commit, or set {GIT_COMMIT_ENV} in the job's env_vars)")
-        os.environ[GIT_COMMIT_ENV] = "unknown"
-    return True
 
 
 def cmd_submit(args) -> int:

@@ -5,7 +5,7 @@ copy of the working dir, so a relative run dir (the default `runs/<study>`) puts
 that copy; and the copy has no `.git`, so trials cannot tell which commit they ran. `klrl submit` uploads
 the working dir as Ray does, but passes the study an absolute run dir (the one `klrl run` would use here)
 and the commit read on this side (env KLRL_GIT_COMMIT), prints the job id, follows the job's logs and
-exits with the job's exit code. `klrl run` itself refuses a run dir inside the job's copy (`job_copy`).
+exits with the job's exit code. `klrl run` itself refuses a run dir inside the job's copy (`usable_in_job`).
 """
 from __future__ import annotations
 
@@ -44,6 +44,27 @@ def job_copy() -> Path | None:
 
 def inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
+
+
+def usable_in_job(run_dir: Path, study_name: str) -> bool:
+    """Under `ray job submit --working-dir`, refuse a run dir inside Ray's temporary copy of the working
+    dir (deleted with the session); and with no commit passed in, tag trials `unknown` rather than read
+    whatever repository happens to enclose the copy. Says why on stderr."""
+    copy = job_copy()
+    if copy is None:
+        return True
+    if inside(run_dir, copy):
+        print(f"klrl: error: run dir {run_dir} is inside Ray's temporary copy of the job's working dir ({copy}), "
+              f"which Ray deletes: pass an absolute run dir the head node keeps, e.g. --run-dir "
+              f"{Path.home() / 'klrl-runs' / study_name}, or submit with `klrl submit`, which passes one",
+              file=sys.stderr)
+        return False
+    if not os.environ.get(GIT_COMMIT_ENV):
+        print(f"klrl: warning: this Ray job's working dir has no git metadata: trials are tagged "
+              f"git_commit=unknown (`klrl submit` passes the commit, or set {GIT_COMMIT_ENV} in the job's "
+              "env_vars)", file=sys.stderr)
+        os.environ[GIT_COMMIT_ENV] = "unknown"
+    return True
 
 
 def local_commit(folder: Path) -> tuple[str, bool]:

@@ -56,12 +56,12 @@ def test_a_ray_job_refuses_a_run_dir_inside_its_working_dir_copy(tmp_path, monke
     monkeypatch.chdir(copy)
     monkeypatch.delenv(GIT_COMMIT_ENV, raising=False)
     monkeypatch.delenv("KLRL_RUN_DIR", raising=False)  # the default run dir is then ./runs/<study>: in the copy
-    assert cli._usable_in_job(copy / "runs" / "smoke", "smoke")  # not a job: no guard
+    assert submit.usable_in_job(copy / "runs" / "smoke", "smoke")  # not a job: no guard
     monkeypatch.setenv(submit.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}))
-    assert not cli._usable_in_job(cli.default_run_dir("smoke", None), "smoke")
+    assert not submit.usable_in_job(cli.default_run_dir("smoke", None), "smoke")
     said = capsys.readouterr().err
     assert f"inside Ray's temporary copy of the job's working dir ({copy})" in said and "--run-dir /" in said
-    assert cli._usable_in_job(tmp_path / "kept" / "smoke", "smoke")
+    assert submit.usable_in_job(tmp_path / "kept" / "smoke", "smoke")
     assert "git_commit=unknown" in capsys.readouterr().err and git_commit() == "unknown"
     monkeypatch.setenv(GIT_COMMIT_ENV, "0123abcd")
     assert git_commit() == "0123abcd"
