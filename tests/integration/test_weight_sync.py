@@ -131,7 +131,8 @@ def test_ppo_step_raises_logprob_of_positive_advantage(run, mode):
 def test_collective_sync_went_through_the_group(run, actors):
     learner, _ = actors
     group = learner.weight_sync_group(actors[1])  # the collective trial's group (no new one is built)
-    assert group is learner._weight_sync and group.backend == "gloo" and group.world_size == 3  # learner rank 0 + one worker per engine
+    assert group is learner._weight_sync and group.backend == "gloo"
+    assert group.world_size == 3  # learner rank 0 + one worker per engine
     # Every engine received every byte of the policy (plus alignment padding, < 16 bytes per tensor).
     assert set(group.last_received) == {"rollout engine 0", "rollout engine 1"}
     assert all(0 <= got - group.total_bytes < 16 * 64 for got in group.last_received.values())
