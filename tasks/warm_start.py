@@ -35,8 +35,14 @@ from pathlib import Path
 from core.config import TaskConfig, TinyModelConfig
 from tasks.base import Example
 from tasks.palindrome import PalindromeTask, all_palindromes, letters_key, question_for
-from tasks.policy_eval import (EXACT_MAX_ANSWERS, collate, exact_measure, measure, response_logits,
-                               sequence_probabilities)
+from tasks.policy_eval import (
+    EXACT_MAX_ANSWERS,
+    collate,
+    exact_measure,
+    measure,
+    response_logits,
+    sequence_probabilities,
+)
 from tasks.prompts import format_prompt, resolve_instruction
 
 WARMUP_STEPS = 20
