@@ -35,19 +35,11 @@ def eval_seed(config: Config, step: int) -> int:
     return (config.run.seed * 1_000_003 + step + EVAL_SEED_OFFSET) % (2**31 - 1)
 
 
-def valid_answer(task, response: str, example) -> str | None:
-    """Task.valid_answer where the task has it (tasks/base.py); until then the same rule, spelled here."""
-    if hasattr(task, "valid_answer"):
-        return task.valid_answer(response, example)
-    ok = task.reward(response, example) >= 1.0
-    return task.normalize_answer(task.extract_answer(response) or "") if ok else None
-
-
 def sample_answers(rollout: Rollout, task, prompts: list[str], n: int, seed: int) -> tuple[list, list[float]]:
     """(valid answers: P lists of n answers or None, rewards: P * n floats) of n samples per eval prompt."""
     batch = rollout.generate(prompts, n, seed=seed)
     examples = [task.eval[int(g)] for g in batch.group_index.tolist()]
-    answers = [valid_answer(task, text, ex) for text, ex in zip(batch.response_texts, examples)]
+    answers = task.valid_answers(batch.response_texts, examples)
     rewards = [task.reward(text, ex) for text, ex in zip(batch.response_texts, examples)]
     return [answers[p * n:(p + 1) * n] for p in range(len(prompts))], rewards
 

@@ -140,9 +140,9 @@ def step_metrics(trial: Trial, step: int, batch: RolloutBatch, examples: list, s
 
 def diversity(trial: Trial, batch: RolloutBatch, examples: list) -> dict[str, float]:
     """Distinct (valid) answers, distinct-n and embedding similarity within each prompt's group."""
-    rows = list(zip(batch.response_texts, batch.group_index.tolist()))
-    valid = [evaluation.valid_answer(trial.task, text, examples[g]) for text, g in rows]
-    answers = [v if v is not None else trial.task.extract_answer(text) for v, (text, _) in zip(valid, rows)]
+    task, texts = trial.task, batch.response_texts
+    valid = task.valid_answers(texts, [examples[g] for g in batch.group_index.tolist()])
+    answers = [task.normalized_answer(text) for text in texts]  # of any validity, normalised as valid ones are
     embeddings = trial.embed(batch.response_texts) if trial.embed is not None else None
     return diversity_metrics(batch.response_texts, answers, [v is not None for v in valid], batch.group_index,
                              embeddings=embeddings)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from core.config import TaskConfig
-from tasks.base import Example, Task, distinct_valid_per_group, distinct_valid_summary
+from tasks.base import Example, Task, distinct_valid_per_group
 
 
 def _palindrome(cfg: TaskConfig) -> Task:
@@ -27,4 +27,4 @@ def make_task(cfg: TaskConfig) -> Task:
     return TASK_REGISTRY[cfg.name](cfg)
 
 
-__all__ = ["Example", "Task", "make_task", "distinct_valid_per_group", "distinct_valid_summary", "TASK_REGISTRY"]
+__all__ = ["Example", "Task", "make_task", "distinct_valid_per_group", "TASK_REGISTRY"]

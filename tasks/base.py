@@ -1,7 +1,10 @@
-"""The task interface every RL task implements, and the per-group 'distinct valid answers' helper.
+"""The task interface every RL task implements, its one definition of a valid answer, and per-group counts.
 
 A task owns its data splits and its reward; the trial loop only calls `task.reward(response, example)`
-per sampled row and never branches on the task's name.
+per sampled row and never branches on the task's name. `task.valid_answer(response, example)` is the
+single definition of "a valid answer" (normalised as the task's scorer normalises): the warm start's
+measurement, the RL diversity metrics, the eval coverage metrics and the report all count distinct
+valid answers through it (`core.diversity` then receives already-normalised answers).
 """
 from __future__ import annotations
 
@@ -40,33 +43,38 @@ class Task(ABC):
         """1.0 for a correct answer, format_reward for a well-formed wrong one, else 0.0; never raises."""
 
     def normalize_answer(self, answer: str) -> str:
-        """The form under which two correct answers count as the same (for distinct-answer counts)."""
+        """The form the task's scorer compares answers in (default: stripped); two valid answers are the
+        same answer when their normalised forms are equal."""
         return answer.strip()
+
+    def valid_answer(self, response: str, example: Example) -> str | None:
+        """The one definition of a valid answer: the response's answer, normalised as the scorer
+        normalises it, when the response earns the full reward (>= 1, so format reward never counts);
+        None otherwise. Everything that counts distinct valid answers goes through here."""
+        return self.normalized_answer(response) if self.reward(response, example) >= 1.0 else None
+
+    def normalized_answer(self, response: str) -> str | None:
+        """The response's answer of any validity in the normal form `valid_answer` uses (None: no answer)."""
+        answer = self.extract_answer(response)
+        return None if answer is None else self.normalize_answer(answer)
+
+    def valid_answers(self, responses: Sequence[str], examples: Sequence[Example]) -> list[str | None]:
+        """`valid_answer` row by row (B responses, B examples -> B answers or None)."""
+        if len(responses) != len(examples):
+            raise ValueError(f"valid_answers: {len(responses)} responses but {len(examples)} examples")
+        return [self.valid_answer(r, ex) for r, ex in zip(responses, examples)]
 
 
 def distinct_valid_per_group(task: Task, responses: Sequence[str], examples: Sequence[Example],
                              group_size: int) -> list[int]:
-    """Number of distinct correct answers in each group of `group_size` consecutive rows.
+    """Number of distinct valid answers (`task.valid_answer`) in each group of `group_size` consecutive rows.
 
     responses/examples: B = G * group_size rows, rows of one prompt contiguous (the RolloutBatch layout).
-    A row counts when its reward is >= 1 (so format reward never counts); answers are compared after
-    `task.normalize_answer` (palindrome: stripped, lower-cased, as reasoning-gym scores them).
     Returns G ints in [0, group_size].
     """
     if group_size < 1 or len(responses) % group_size or len(responses) != len(examples):
         raise ValueError(f"{len(responses)} responses / {len(examples)} examples do not form groups of "
                          f"group_size={group_size}")
-    counts = []
-    for start in range(0, len(responses), group_size):
-        seen = set()
-        for response, example in zip(responses[start:start + group_size], examples[start:start + group_size]):
-            if task.reward(response, example) >= 1.0:
-                seen.add(task.normalize_answer(task.extract_answer(response) or ""))
-        counts.append(len(seen))
-    return counts
-
-
-def distinct_valid_summary(counts: Sequence[int], group_size: int) -> dict[str, float]:
-    """Mean raw count of distinct valid answers per prompt, and that count divided by group_size (n)."""
-    mean = sum(counts) / len(counts) if counts else 0.0
-    return {"diversity/distinct_valid": mean, "diversity/distinct_valid_frac": mean / group_size}
+    answers = task.valid_answers(responses, examples)
+    return [len({a for a in answers[start:start + group_size] if a is not None})
+            for start in range(0, len(answers), group_size)]

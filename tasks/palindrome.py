@@ -9,12 +9,21 @@ sorted letters in the question ("ooz"), for the tiny model; otherwise reasoning-
 Answer: the text inside the last `<answer>...</answer>`; with no closed tag pair, the last non-empty
 line of the response. Reward: 1.0 only when reasoning-gym's own `score_answer` gives exactly 1.0
 (it gives 0.02/0.05 partial credit to wrong strings, which we do not pass on); `format_reward` for a
-wrong answer given inside well-formed tags. Distinct answers compare stripped, lower-cased strings,
-which is how `score_answer` normalises before checking.
+wrong answer given inside well-formed tags. A valid answer (`Task.valid_answer`) is normalised as
+`score_answer` normalises before checking: stripped and lower-cased, so "ABA" and " aba " are one answer.
+
+Room to diversify: a prompt of L letters has one valid answer per distinct arrangement of its half
+(L // 2 letters; repeats reduce the count, the middle letter is forced), so at most 1, 2, 6, 24 for
+L = 2-3, 4-5, 6-7, 8-9. reasoning-gym draws the half's letters uniformly with replacement; with the
+default 5-8 letters the mean is 8.65 valid answers per prompt (1.96 / 5.66 / 5.66 / 21.3 for L = 5, 6,
+7, 8), 7.5 on the default 32-prompt eval split (`valid_arrangements`).
 """
 from __future__ import annotations
 
+import itertools
+import math
 import re
+from collections import Counter
 
 from core.config import TaskConfig
 from tasks.base import Example, Task
@@ -48,6 +57,31 @@ def compact_question(letters) -> str:
     of on counting scrambled letters, which it learns too slowly for a minutes-long warm start.
     """
     return "".join(sorted(letters))
+
+
+def half_and_middle(letters) -> tuple[list[str], str]:
+    """The sorted half of a palindrome multiset and its middle letter ('' for even lengths).
+
+    Raises ValueError when more than one letter has an odd count (no palindrome uses them all).
+    """
+    counts = Counter(letters)
+    odd = sorted(letter for letter, c in counts.items() if c % 2)
+    if len(odd) > 1:
+        raise ValueError(f"letters {letters_key(letters)!r} form no palindrome: odd counts of {odd}")
+    half = [letter for letter in sorted(counts) for _ in range(counts[letter] // 2)]
+    return half, (odd[0] if odd else "")
+
+
+def valid_arrangements(letters) -> int:
+    """How many distinct palindromes use exactly these letters: the multinomial of the half's counts."""
+    half, _ = half_and_middle(letters)
+    return math.factorial(len(half)) // math.prod(math.factorial(c) for c in Counter(half).values())
+
+
+def all_palindromes(letters) -> list[str]:
+    """Every valid answer (lower-case) for these letters, sorted; len == valid_arrangements(letters)."""
+    half, middle = half_and_middle(letters)
+    return sorted({"".join(p) + middle + "".join(reversed(p)) for p in itertools.permutations(half)})
 
 
 def question_for(letters, compact: bool) -> str:

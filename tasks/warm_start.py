@@ -1,28 +1,31 @@
-"""Supervised warm start that turns the random tiny Qwen2 into the palindrome reference policy.
+"""Supervised warm start that turns the random tiny Qwen2 into the palindrome reference policy pi_ref.
 
-Data: generated here, from the same letter distribution as reasoning-gym (a random half of a-z letters,
-a middle letter when the length is odd), letter multisets of the eval split excluded. Every time a
-multiset is drawn its target is a fresh uniformly random arrangement of the half, mirrored, so the
-model sees *all* valid palindromes of a multiset and learns a spread over them, not one canonical
-answer: that spread is what "distinct valid answers per prompt" measures later.
+Data: generated here, from reasoning-gym's letter distribution (a random half of a-z letters drawn
+with replacement, a middle letter when the length is odd), letter multisets of the held-out eval
+split excluded. Lengths are drawn with weight proportional to the half's size (L // 2): every half
+letter is one more decision to learn, so the long prompts, where the diversity lives, get more
+practice. Every time a multiset is drawn its target is a fresh uniformly random arrangement of the
+half, mirrored, so the model learns a spread over *all* valid palindromes of a multiset, not one
+canonical answer: that spread is what "distinct valid answers per prompt" measures later.
 Format: exactly what the RL rollouts see, `format_prompt(tokenizer, instruction, question)` followed by
 `<answer>PALINDROME</answer><|end|>`; loss on the response tokens only.
 
-Stopping: the point is a *non-saturated* reference (the issue asks for 20-80% valid at T=1.0), so
-every `CHECK_EVERY` steps the policy is sampled (T=1.0) on a generated validation set and training
-stops at the first check at or above `sft_target_accuracy`, or after `sft_steps`.
-The measured eval-split accuracy, distinct answers (n=8), steps and wall time go to warm_start.json.
-
-Measured with the defaults (4-5 letters, batch 32, lr 3e-3, target 0.5; one torch thread): stops at
-step 400, eval accuracy 0.53 and 1.28 distinct valid answers per prompt (n=8, T=1.0), 57-87 s of
-training on the shared 2-core machine at load average 20-26 (other engineers' jobs). Why 4-5 letters:
-3-letter prompts have a single valid answer (no diversity to measure), and with 6+ letters the mirror
-is learned too slowly for the budget (7% valid after 350 steps, against 50% for 4-5).
+Schedule: fixed, so the result does not hinge on a noisy check: `sft_steps` AdamW steps, linear warm-up
+then cosine decay to zero. The learning curve of a ~1M-parameter model on this task is steep and its
+timing varies with floating-point rounding (the same recipe lands anywhere from 40% to 85% valid),
+so the finished model is then *calibrated*: its output layer is scaled by the one factor (a
+temperature baked into the weights) at which the exact expected accuracy at T=1 on generated
+validation prompts equals `sft_target_accuracy`. That expectation is computed by teacher forcing over
+every valid palindrome (`policy_eval.exact_measure`), so it carries no sampling noise and moves
+continuously with the weights: machines whose trajectories differ still land at the same accuracy.
+The eval-split figures (sampled, n=8, T=1, and their exact expectations), steps, the scale and the wall
+time go to warm_start.json; docs/BENCHMARKS.md records them for the shipped reference.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import string
@@ -30,14 +33,24 @@ import time
 from pathlib import Path
 
 from core.config import TaskConfig, TinyModelConfig
-from tasks.palindrome import PalindromeTask, letters_key, question_for
-from tasks.policy_eval import measure
+from tasks.base import Example
+from tasks.palindrome import PalindromeTask, all_palindromes, letters_key, question_for
+from tasks.policy_eval import (
+    EXACT_MAX_ANSWERS,
+    collate,
+    exact_measure,
+    measure,
+    response_logits,
+    sequence_probabilities,
+)
 from tasks.prompts import format_prompt, resolve_instruction
 
-CHECK_EVERY = 50  # steps between validation samplings (each ~2-4 s on a busy 2-core machine)
-VAL_PROMPTS, VAL_N = 48, 4  # validation: 192 samples, accuracy std ~3.5 points
-EVAL_N = 8  # samples per eval prompt for the recorded numbers (the issue's n=8)
 WARMUP_STEPS = 20
+HELD_OUT_PROMPTS = 256  # eval multisets excluded from the warm-start data: any eval_size up to this
+VAL_PROMPTS = 256  # generated validation prompts the output scale is calibrated on
+EVAL_N, EVAL_REPEATS = 8, 4  # recorded figures: distinct valid in n=8 samples, mean of 4 draws
+SCALE_RANGE = (0.25, 1.0)  # calibration only ever flattens: a weak model is left as it is
+LOSS_EVERY = 100  # steps per loss entry in warm_start.json's history
 
 
 def palindrome_cfg(task_cfg: TaskConfig) -> TaskConfig:
@@ -45,9 +58,25 @@ def palindrome_cfg(task_cfg: TaskConfig) -> TaskConfig:
     return task_cfg if task_cfg.name == "palindrome" else TaskConfig(name="palindrome", compact_prompt=True)
 
 
-def random_multiset(rng: random.Random, min_letters: int, max_letters: int) -> tuple[list[str], str]:
-    """(half, middle) of a palindrome with min..max letters, letters drawn like reasoning-gym's."""
-    length = rng.randint(min_letters, max_letters)
+def held_out_cfg(task_cfg: TaskConfig) -> TaskConfig:
+    """palindrome_cfg with eval_size raised to HELD_OUT_PROMPTS: the warm start excludes that split.
+
+    Eval splits of one data_seed/train_size are prefixes of each other, so every study evaluating on up
+    to HELD_OUT_PROMPTS prompts evaluates on multisets the warm start never saw, and shares its policy.
+    """
+    cfg = palindrome_cfg(task_cfg)
+    return dataclasses.replace(cfg, eval_size=max(cfg.eval_size, HELD_OUT_PROMPTS))
+
+
+def random_multiset(rng: random.Random, min_letters: int, max_letters: int,
+                    weighted: bool = False) -> tuple[list[str], str]:
+    """(half, middle) of a palindrome with min..max letters, letters drawn like reasoning-gym's.
+
+    weighted: lengths drawn with weight max(1, L // 2) instead of uniformly (reasoning-gym's).
+    """
+    lengths = range(min_letters, max_letters + 1)
+    length = rng.choices(lengths, weights=[max(1, n // 2) for n in lengths])[0] if weighted else \
+        rng.randint(min_letters, max_letters)
     half = rng.choices(string.ascii_lowercase, k=length // 2)
     middle = rng.choice(string.ascii_lowercase) if length % 2 else ""
     return half, middle
@@ -59,6 +88,11 @@ def random_palindrome(rng: random.Random, half: list[str], middle: str) -> str:
     return "".join(order) + middle + "".join(reversed(order))
 
 
+def response_text(answer: str, eos: str) -> str:
+    """The response the warm start teaches (and `exact_measure` scores): the tagged answer, then eos."""
+    return f"<answer>{answer}</answer>{eos}"
+
+
 class PairSource:
     """Endless (prompt, response) text pairs over a fixed pool of `size` letter multisets."""
 
@@ -67,7 +101,7 @@ class PairSource:
         self.rng = random.Random(seed)
         self.pool = []
         while len(self.pool) < size:
-            half, middle = random_multiset(self.rng, task_cfg.min_letters, task_cfg.max_letters)
+            half, middle = random_multiset(self.rng, task_cfg.min_letters, task_cfg.max_letters, weighted=True)
             letters = half + half + ([middle] if middle else [])
             if letters_key(letters) in exclude:
                 continue
@@ -77,30 +111,11 @@ class PairSource:
 
     def batch(self, size: int) -> list[tuple[str, str]]:
         picks = [self.pool[self.rng.randrange(len(self.pool))] for _ in range(size)]
-        return [(p, f"<answer>{random_palindrome(self.rng, h, m)}</answer>{self.eos}") for p, h, m in picks]
+        return [(p, response_text(random_palindrome(self.rng, h, m), self.eos)) for p, h, m in picks]
 
 
-def collate(tokenizer, pairs: list[tuple[str, str]]):
-    """Right-padded input_ids/attention_mask (B, L) and labels (B, L) = -100 except on response tokens."""
-    import torch
-
-    rows = []
-    for prompt, response in pairs:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"]
-        rows.append((p + r, [-100] * len(p) + r))
-    width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in rows])
-    labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in rows])
-    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in rows])
-    return ids, mask, labels
-
-
-def validation_examples(task_cfg: TaskConfig, seed: int, exclude: set[str]):
-    """Generated validation prompts (not the eval split, so stopping does not peek at it)."""
-    from tasks.base import Example
-
+def validation_examples(task_cfg: TaskConfig, seed: int, exclude: set[str]) -> list[Example]:
+    """VAL_PROMPTS generated prompts (reasoning-gym's length distribution, not the eval split)."""
     rng, out = random.Random(seed + 7919), []
     while len(out) < VAL_PROMPTS:
         half, middle = random_multiset(rng, task_cfg.min_letters, task_cfg.max_letters)
@@ -112,23 +127,93 @@ def validation_examples(task_cfg: TaskConfig, seed: int, exclude: set[str]):
     return out
 
 
-def warm_start(model_dir: str | Path, tiny: TinyModelConfig, task_cfg: TaskConfig, log=print) -> dict:
-    """Train the model in `model_dir` in place (saved back there); returns and writes warm_start.json.
+def lr_factor(step: int, steps: int) -> float:
+    """Linear warm-up over WARMUP_STEPS, then cosine decay to 0 at `steps` (step is 0-based)."""
+    if step < WARMUP_STEPS:
+        return (step + 1) / WARMUP_STEPS
+    progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    Runs on ONE torch thread: on the shared 2-core machine, two OpenMP threads competing with other
-    processes spin-wait and a step took 6 s instead of 0.3 s (measured at load average ~7).
+
+def train(model, tokenizer, source: PairSource, tiny: TinyModelConfig) -> list[dict]:
+    """The fixed schedule: sft_steps AdamW steps on fresh batches; returns the loss history."""
+    import torch
+
+    torch.manual_seed(tiny.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=tiny.sft_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tiny.sft_steps))
+    history, window = [], []
+    model.train()
+    for step in range(1, tiny.sft_steps + 1):
+        ids, mask, labels = collate(tokenizer, source.batch(tiny.sft_batch_size))
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        window.append(float(loss.detach()))
+        if step % LOSS_EVERY == 0 or step == tiny.sft_steps:
+            history.append({"step": step, "loss": round(sum(window) / len(window), 4)})
+            window = []
+    return history
+
+
+def calibrate_output_scale(model, tokenizer, examples: list[Example], instruction: str, target: float) -> float:
+    """Scale lm_head in place by the smallest factor in SCALE_RANGE whose exact expected accuracy on
+    `examples` reaches `target` (1.0, no change, when the model is below target); returns the factor.
+
+    Prompts with more than EXACT_MAX_ANSWERS valid answers (none at the default 5-8 letters) are left out.
     """
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    pairs, prompts = [], 0
+    for ex in examples:
+        answers = all_palindromes(ex.metadata["letters"])
+        if len(answers) <= EXACT_MAX_ANSWERS:
+            prompt = format_prompt(tokenizer, instruction, ex.question)
+            pairs += [(prompt, response_text(answer, tokenizer.eos_token)) for answer in answers]
+            prompts += 1
+    if not pairs:
+        return 1.0
+    logits, targets = response_logits(model, tokenizer, pairs)  # (B, L-1, V), (B, L-1)
+
+    def accuracy(scale: float) -> float:
+        return float(sequence_probabilities(logits, targets, scale).sum()) / prompts
+
+    lo, hi = SCALE_RANGE
+    if accuracy(hi) <= target:
+        scale = hi
+    elif accuracy(lo) >= target:
+        scale = lo
+    else:  # expected accuracy rises with the scale while the likeliest answers are valid: bisect
+        for _ in range(40):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if accuracy(mid) < target else (lo, mid)
+        scale = hi
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return scale
+
+
+def warm_start(model_dir: str | Path, tiny: TinyModelConfig, task_cfg: TaskConfig, log=print,
+               threads: int = 1) -> dict:
+    """Train the model in `model_dir` in place (saved back there); returns and writes warm_start.json.
+
+    threads: torch threads while it runs (default ONE: on the shared 2-core machine, two OpenMP threads
+    competing with other processes spin-wait and a step took 6 s instead of 0.3 s at load average ~7).
+    """
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        return _warm_start(model_dir, tiny, task_cfg, log)
+        return _warm_start(Path(model_dir), tiny, task_cfg, log)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
 
 
-def _warm_start(model_dir, tiny: TinyModelConfig, task_cfg: TaskConfig, log) -> dict:
+def _warm_start(model_dir: Path, tiny: TinyModelConfig, task_cfg: TaskConfig, log) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,41 +223,41 @@ def _warm_start(model_dir, tiny: TinyModelConfig, task_cfg: TaskConfig, log) -> 
     instruction = resolve_instruction(task_cfg.instruction, task.default_instruction)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    exclude = {letters_key(ex.metadata["letters"]) for ex in task.eval}
+    exclude = {letters_key(ex.metadata["letters"]) for ex in PalindromeTask(held_out_cfg(task_cfg)).eval}
     source = PairSource(task_cfg, tokenizer, instruction, tiny.sft_examples, tiny.seed, exclude)
-    val = validation_examples(task_cfg, tiny.seed, exclude)
-    max_new = task_cfg.max_letters + 4  # <answer> + letters + </answer> + eos, with slack
-    torch.manual_seed(tiny.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=tiny.sft_lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP_STEPS))
-    history, step, loss_value = [], 0, float("nan")
-    for step in range(1, tiny.sft_steps + 1):
-        model.train()
-        ids, mask, labels = collate(tokenizer, source.batch(tiny.sft_batch_size))
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss_value = float(loss.detach())
-        if step % CHECK_EVERY == 0 or step == tiny.sft_steps:
-            acc = measure(model, tokenizer, task, val, instruction, VAL_N, max_new, seed=step)["accuracy"]
-            history.append({"step": step, "loss": round(loss_value, 4), "val_accuracy": acc,
-                            "elapsed_s": round(time.time() - start, 1)})
-            log(f"warm start step {step}: loss {loss_value:.3f} val accuracy {acc:.3f}")
-            if acc >= tiny.sft_target_accuracy:
-                break
+    log(f"warm start: {tiny.sft_steps} steps of {tiny.sft_batch_size} sequences, "
+        f"{task_cfg.min_letters}-{task_cfg.max_letters} letters")
+    history = train(model, tokenizer, source, tiny)
     train_s = time.time() - start
+    scale = 1.0
+    if tiny.sft_target_accuracy > 0:
+        val = validation_examples(task_cfg, tiny.seed, exclude)
+        scale = calibrate_output_scale(model, tokenizer, val, instruction, tiny.sft_target_accuracy)
     model.save_pretrained(model_dir)
-    final = measure(model, tokenizer, task, task.eval, instruction, EVAL_N, max_new, seed=tiny.seed)
-    report = {
-        "eval_accuracy": final["accuracy"], "eval_distinct_valid": final["distinct_valid"],
-        "eval_prompts": final["prompts"], "eval_n": EVAL_N, "temperature": 1.0,
-        "example_responses": final["example_responses"], "steps": step, "final_loss": loss_value,
-        "train_wall_s": round(train_s, 1), "total_wall_s": round(time.time() - start, 1),
-        "torch_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
-        "history": history, "tiny": dataclasses.asdict(tiny), "task": dataclasses.asdict(task_cfg),
-    }
-    (Path(model_dir) / "warm_start.json").write_text(json.dumps(report, indent=2))
+    report = {**reference_figures(model, tokenizer, task, instruction, tiny.seed), "logit_scale": scale,
+              "steps": tiny.sft_steps, "final_loss": history[-1]["loss"], "train_wall_s": round(train_s, 1),
+              "total_wall_s": round(time.time() - start, 1), "torch_threads": torch.get_num_threads(),
+              "load_avg_1m": round(os.getloadavg()[0], 2), "loss_history": history,
+              "tiny": dataclasses.asdict(tiny), "task": dataclasses.asdict(task_cfg)}
+    log(f"warm start done: eval accuracy {report['eval_accuracy']:.3f}, distinct valid "
+        f"{report['eval_distinct_valid']:.2f} (n={EVAL_N}), output scale {scale:.3f}, {train_s:.0f} s")
+    (model_dir / "warm_start.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def reference_figures(model, tokenizer, task: PalindromeTask, instruction: str, seed: int) -> dict:
+    """The eval split's figures at T=1: sampled (n=EVAL_N) and exact expectations, and its room to diversify."""
+    from tasks.palindrome import valid_arrangements
+
+    sampled = measure(model, tokenizer, task, task.eval, instruction, EVAL_N,
+                      max_new_tokens=task.cfg.max_letters + 4, seed=seed, repeats=EVAL_REPEATS)
+    exact = exact_measure(model, tokenizer, task.eval, instruction, EVAL_N,
+                          valid_answers_of=lambda ex: all_palindromes(ex.metadata["letters"]),
+                          response_of=lambda answer: response_text(answer, tokenizer.eos_token))
+    arrangements = [valid_arrangements(ex.metadata["letters"]) for ex in task.eval]
+    return {"eval_accuracy": sampled["accuracy"], "eval_distinct_valid": sampled["distinct_valid"],
+            "expected_accuracy": round(exact["expected_accuracy"], 4),
+            "expected_distinct_valid": round(exact["expected_distinct_valid"], 4),
+            "eval_valid_arrangements_mean": sum(arrangements) / len(arrangements),
+            "eval_prompts": len(task.eval), "eval_n": EVAL_N, "eval_repeats": EVAL_REPEATS, "temperature": 1.0,
+            "example_responses": sampled["example_responses"]}

@@ -90,14 +90,14 @@ def test_a_hub_id_in_the_local_hf_cache_is_read_for_its_limit(tmp_path, monkeypa
 
 
 def test_prompt_plus_max_new_tokens_beyond_max_model_len(tmp_path):
-    path = study_file(tmp_path, {"rollout": {"max_new_tokens": 90}})  # prompt: 3 chat tokens + 5 letters
-    assert refused(path).startswith(f"{path}: base: rollout.max_model_len: the longest prompt (8 tokens, "
-                                    "task.max_letters=5) plus rollout.max_new_tokens (90) is 98 tokens")
+    path = study_file(tmp_path, {"rollout": {"max_new_tokens": 90}})  # prompt: 3 chat tokens + 8 letters
+    assert refused(path).startswith(f"{path}: base: rollout.max_model_len: the longest prompt (11 tokens, "
+                                    "task.max_letters=8) plus rollout.max_new_tokens (90) is 101 tokens")
 
 
 def test_a_long_instruction_counts_in_the_prompt(tmp_path):
     path = study_file(tmp_path, {"task": {"instruction": "Make a palindrome. " * 5}})
-    assert "the longest prompt (105 tokens" in refused(path)
+    assert "the longest prompt (108 tokens" in refused(path)
 
 
 def test_tiny_prompt_lengths_are_exact():

@@ -73,22 +73,22 @@ def test_failures_say_where():
 
 
 def test_callback_prints_plain_lines_from_tune_events_and_pickles_without_its_display():
-    study = load_study(MINIATURE)
-    assert progress.expected_steps(study) == 6 * 20
+    study = load_study(MINIATURE, ["run.steps=20"])  # 3 arms x 8 seeds; k1·reward s0 is the 9th trial
+    assert progress.expected_steps(study) == 24 * 20
     out, clock = io.StringIO(), Clock()
     callback = progress.StudyProgress(study, display=progress.PlainDisplay(out), clock=clock)
     callback.setup()
     trials = [SimpleNamespace(trial_id=f"t{i}", config={"grid": labels}, last_result={}, status="PENDING")
               for i, labels in enumerate(study.grid())]
-    callback.on_trial_start(0, trials, trials[2])
+    callback.on_trial_start(0, trials, trials[8])
     clock.now = 30.0
-    callback.on_trial_result(0, trials, trials[2], report(1, steps_total=20))
-    trials[2].last_result = report(20)
-    callback.on_trial_complete(0, trials, trials[2])
+    callback.on_trial_result(0, trials, trials[8], report(1, steps_total=20))
+    trials[8].last_result = report(20)
+    callback.on_trial_complete(0, trials, trials[8])
     lines = out.getvalue().splitlines()
-    assert lines[0] == "[3/6 k1·reward s0] starting"
-    assert lines[1] == "[3/6 k1·reward s0] step 1/20 reward 0.66 kl 0.013 · 0.21 s/step · study ETA ?"
-    assert lines[2] == "[3/6 k1·reward s0] finished 20/20 steps in 30s · reward 0.66 kl 0.013 · 1/6 trials done"
+    assert lines[0] == "[9/24 k1·reward s0] starting"
+    assert lines[1] == "[9/24 k1·reward s0] step 1/20 reward 0.66 kl 0.013 · 0.21 s/step · study ETA ?"
+    assert lines[2] == "[9/24 k1·reward s0] finished 20/20 steps in 30s · reward 0.66 kl 0.013 · 1/24 trials done"
     restored = pickle.loads(pickle.dumps(callback))
     assert restored.study.name == "miniature" and restored.display is None
 
@@ -136,7 +136,7 @@ def test_a_failing_display_never_stops_the_study(capsys):
         def news(self, line):
             raise RuntimeError("terminal gone")
 
-    study = load_study(MINIATURE)
+    study = load_study(MINIATURE, ["run.steps=20"])
     callback = progress.StudyProgress(study, display=Broken())
     callback.setup()
     trial = SimpleNamespace(trial_id="t0", config={"grid": study.grid()[0]}, last_result={}, status="PENDING")
@@ -144,4 +144,4 @@ def test_a_failing_display_never_stops_the_study(capsys):
     callback.on_trial_result(0, [trial], trial, report(1))
     out, err = capsys.readouterr()
     assert "progress display error (RuntimeError: terminal gone); the study goes on" in err
-    assert out.startswith("[1/6 none s0] step 1/20")
+    assert out.startswith("[1/24 none s0] step 1/20")

@@ -47,8 +47,12 @@ def test_every_shipped_space_validates(path):
 
 def test_seed_studies_clamp_k3_and_only_k3():
     """k3 in the loss overflows unclamped (core/config.py); the seed studies clamp it at 10 as verl does, and
-    leave k1 in the reward unclamped (verl never clamps k1)."""
-    for stem in ("seed_palindrome_r1_1p5b", "seed_deepscaler_r1_1p5b", "miniature", "smoke"):
+    leave k1 in the reward unclamped (verl never clamps k1). The miniature study clamps both KL arms (its
+    base), so its arms differ only in where the KL goes and the report pairs k1 with k3."""
+    for labels in (study := load_study(next(p for p in SPACES if p.stem == "miniature"))).grid():
+        a = study.trial_config(labels).algorithm
+        assert (a.kl_clamp, a.allow_unclamped_k3) == (10.0, False), labels
+    for stem in ("seed_palindrome_r1_1p5b", "seed_deepscaler_r1_1p5b", "smoke"):
         study = load_study(next(p for p in SPACES if p.stem == stem))
         for labels in study.grid():
             a = study.trial_config(labels).algorithm

@@ -21,6 +21,7 @@ from core.types import Learner, Rollout, RolloutBatch, TokenScores
 from orchestrator import trial as trial_mod
 from orchestrator.checkpoint import LOGGED_STEP, CheckpointStore, Ledger
 from orchestrator.tracking import PARENT_TAG, NullTracker, make_tracker
+from tasks.base import Example, Task
 
 B_PROMPTS, N, T = 2, 4, 5
 
@@ -92,10 +93,12 @@ class FakeLearner:
         self.calls.append("learner shutdown")
 
 
-class FakeTask:
-    def __init__(self):
-        from tasks.base import Example
+class FakeTask(Task):
+    """A palindrome-like task; valid_answer/valid_answers/normalized_answer are Task's own (the real rule)."""
 
+    default_instruction = ""
+
+    def __init__(self):
         self.train = [Example(question=q, answer=q) for q in ("aab", "bba", "ccd", "dde")]
         self.eval = self.train[:1]
 
