@@ -143,7 +143,7 @@ NOT_ARM_FIELDS = {"algorithm.kl_mode", "algorithm.kl_estimator", "run.seed", "ta
 
 
 def _suffix_axes(trials: list[Trial], runs: dict) -> None:
-    """Split derived arms (no `arm` tag) by the other settings that vary within a task.
+    """Split derived arms (no `arm` tag) by the other settings that vary within an arm of a task.
 
     Those settings are the trials' `axis.<dotted field>` tags (the study's grid and sampled values)
     or, for runs without axis tags, `algorithm.kl_coef`. The none arm ignores `algorithm.kl_*`
@@ -153,10 +153,16 @@ def _suffix_axes(trials: list[Trial], runs: dict) -> None:
     for task in {t.task for t in trials}:
         derived = [t for t in trials if t.task == task and "arm" not in runs[t.run_id].data.tags]
         settings = {t.run_id: _settings(runs[t.run_id]) for t in derived}
-        fields = {f for s in settings.values() for f in s}
-        varying = sorted(f for f in fields if len({settings[t.run_id].get(f) for t in derived}) > 1)
+        by_arm: dict[str, list[Trial]] = {}
         for t in derived:
-            extra = {f: settings[t.run_id].get(f, "?") for f in varying
+            by_arm.setdefault(t.arm, []).append(t)
+        # A field splits an arm only where it differs between that arm's trials: a setting that comes
+        # with its arm (the k3 arm's kl_clamp, absent from the others) is named by the arm already.
+        varying = {arm: sorted(f for f in {f for t in group for f in settings[t.run_id]}
+                               if len({settings[t.run_id].get(f) for t in group}) > 1)
+                   for arm, group in by_arm.items()}
+        for t in derived:
+            extra = {f: settings[t.run_id].get(f, "?") for f in varying[t.arm]
                      if not (t.arm == "none" and f.startswith("algorithm.kl_"))}
             t.arm = arm_name(*t.arm.split("/", 1), extra) if t.arm != "none" else arm_name("none", "", extra)
 
