@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_helpers import KLRL, ROOT, SMOKE, klrl, trial_runs
 from mlflow import MlflowClient
 
+from e2e_helpers import KLRL, ROOT, SMOKE, klrl, trial_runs
 from workers import environment
 
 STEPS = 6

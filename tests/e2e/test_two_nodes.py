@@ -24,8 +24,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from e2e_helpers import KLRL, ROOT, SMOKE, free_port, kill_head, processes_under, ray_cli, start_ray_head
 
+from e2e_helpers import KLRL, ROOT, SMOKE, free_port, kill_head, processes_under, ray_cli, start_ray_head
 from workers import environment
 
 STUDY_TIMEOUT_S = 600
@@ -189,7 +189,8 @@ def cluster(timeline) -> TwoNodes:
         nodes.stop()
         timeline("cluster and mlflow server stopped")
         leftovers = processes_under(str(nodes.temp_a)) + processes_under(str(nodes.temp_b))
-        shutil.rmtree(base, ignore_errors=True)
+        if not os.environ.get("KLRL_KEEP_TWO_NODES"):  # set it to keep the logs, Ray's included, for a post-mortem
+            shutil.rmtree(base, ignore_errors=True)
     assert not leftovers, f"processes of the test's cluster still running: {leftovers}"
 
 
@@ -248,7 +249,7 @@ def test_study_across_two_nodes(cluster, timeline, mode):
     client = mlflow.MlflowClient(cluster.tracking_uri)
     try:
         if fault:
-            _kill_node_b_mid_trial(cluster, timeline, client, experiment, study)
+            _kill_node_b_mid_trial(cluster, timeline, client, experiment, study, cluster.base / f"study_{mode}.log")
         study.wait(timeout=STUDY_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         study.kill()
@@ -287,12 +288,13 @@ def test_study_across_two_nodes(cluster, timeline, mode):
     timeline("checked", mode=mode, runs=len(runs), checkpoints=len(checkpoints))
 
 
-def _kill_node_b_mid_trial(cluster: TwoNodes, timeline: Timeline, client, experiment: str, study) -> None:
+def _kill_node_b_mid_trial(cluster: TwoNodes, timeline: Timeline, client, experiment: str, study,
+                           log: Path) -> None:
     """Once a trial's step-2 checkpoint is complete (its steps reached MLflow), SIGKILL node_b's raylet; when
     the head has marked the node dead, start node_b again. Records the trial that was hit."""
     def checkpointed_run():
         found = client.get_experiment_by_name(experiment)
-        assert study.poll() is None, "study ended before the fault"
+        assert study.poll() is None, f"study ended before the fault:\n{log.read_text()[-4000:]}"
         if found is None:
             return None
         for run in client.search_runs([found.experiment_id]):
