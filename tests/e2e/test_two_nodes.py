@@ -6,7 +6,7 @@ The module's cluster (shared by its tests): a head started with `ray start --hea
 a real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts in the test dir); a storage path that both
 nodes see (one machine), declared with --shared-storage. The smoke study runs against it with
 `learner.node_resource=node_a` and `rollout.node_resource=node_b`. In object_store mode the second node's
-raylet is killed mid-trial (after its step-2 checkpoint) and the node restarted once the head has
+raylet is killed mid-trial (after its first checkpoint) and the node restarted once the head has
 marked it dead; the trial must resume from that checkpoint and MLflow hold each step exactly once.
 What ran where and when is written to runs/test/e2e/two_nodes_timeline.json.
 """
@@ -29,7 +29,9 @@ from e2e_helpers import KLRL, ROOT, SMOKE, free_port, kill_head, processes_under
 from workers import environment
 
 STUDY_TIMEOUT_S = 600
-STEPS = 4  # checkpoints at steps 2 and 4: the fault hits during steps 3-4, the retry resumes from step 2
+# Checkpoints every 4 steps: the fault hits after the step-4 checkpoint, with 12 steps (~1-3 s on 2 cores) left to
+# hit, and the retry resumes from the newest checkpoint before it. ~0.1 s per step: more steps cost little.
+STEPS, CHECKPOINT_EVERY = 16, 4
 PIN = ["--set", "learner.node_resource=node_a", "--set", "rollout.node_resource=node_b"]
 LOGGED_STEP = "klrl/logged_step"
 
@@ -242,7 +244,8 @@ def test_study_across_two_nodes(cluster, timeline, mode):
     args = ["run", SMOKE, "--address", cluster.address, "--run-dir", str(run_dir), "--tracking-uri",
             cluster.tracking_uri, "--storage-path", str(storage), "--shared-storage", *PIN,
             "--set", f"rollout.weight_sync={mode}", "--set", f"tracking.experiment={experiment}",
-            "--set", f"run.steps={STEPS}"]
+            "--set", f"run.steps={STEPS}", "--set", f"run.checkpoint_every={CHECKPOINT_EVERY}",
+            "--set", "run.eval_every=8"]
     log = open(cluster.base / f"study_{mode}.log", "w")
     study = subprocess.Popen([KLRL, *args], cwd=ROOT, env=_klrl_env(cluster), stdout=log, stderr=subprocess.STDOUT)
     timeline("study started", mode=mode)
@@ -284,13 +287,15 @@ def test_study_across_two_nodes(cluster, timeline, mode):
     # Tune's trial folders, with klrl's checkpoints, are in the storage path both nodes see.
     checkpoints = sorted(storage.glob("smoke/trial_*/checkpoints/step_*/state.json"))
     assert len({c.parents[2] for c in checkpoints}) == 2, checkpoints
-    assert {c.parent.name for c in checkpoints} == {f"step_{STEPS:06d}", f"step_{STEPS - 2:06d}"}
+    assert {c.parent.name for c in checkpoints} == {f"step_{STEPS:06d}", f"step_{STEPS - CHECKPOINT_EVERY:06d}"}
+    if fault:  # the hit trial failed on its dead engine and ran again with a new one on the restarted node_b
+        assert "ActorDiedError" in output and len(set(placed["RolloutWorker"])) == 2, output[-4000:]
     timeline("checked", mode=mode, runs=len(runs), checkpoints=len(checkpoints))
 
 
 def _kill_node_b_mid_trial(cluster: TwoNodes, timeline: Timeline, client, experiment: str, study,
                            log: Path) -> None:
-    """Once a trial's step-2 checkpoint is complete (its steps reached MLflow), SIGKILL node_b's raylet; when
+    """Once a trial's first checkpoint is complete (its steps reached MLflow), SIGKILL node_b's raylet; when
     the head has marked the node dead, start node_b again. Records the trial that was hit."""
     def checkpointed_run():
         found = client.get_experiment_by_name(experiment)
@@ -298,11 +303,11 @@ def _kill_node_b_mid_trial(cluster: TwoNodes, timeline: Timeline, client, experi
         if found is None:
             return None
         for run in client.search_runs([found.experiment_id]):
-            if run.data.metrics.get(LOGGED_STEP, 0) >= 2 and run.data.tags.get("klrl.role") == "trial":
+            if run.data.metrics.get(LOGGED_STEP, 0) >= CHECKPOINT_EVERY and run.data.tags.get("klrl.role") == "trial":
                 return run
         return None
 
-    run = cluster.wait_for(checkpointed_run, "a trial's step-2 checkpoint", STUDY_TIMEOUT_S, every_s=0.3)
+    run = cluster.wait_for(checkpointed_run, "a trial's first checkpoint", STUDY_TIMEOUT_S, every_s=0.1)
     old_node = cluster.node_ids("node_b", alive=True)[0]
     pid = cluster.raylet_pid(cluster.temp_b)
     os.kill(pid, signal.SIGKILL)
@@ -310,6 +315,8 @@ def _kill_node_b_mid_trial(cluster: TwoNodes, timeline: Timeline, client, experi
              logged_step=run.data.metrics.get(LOGGED_STEP))
     cluster.wait_for(lambda: old_node in cluster.node_ids("node_b", alive=False), "the head to mark node_b dead", 60)
     timeline("head marked node_b dead", node_id=old_node[:12])
+    cluster.wait_for(lambda: "Trial task failed" in log.read_text(), "Tune to fail the trial", 60)
+    timeline("Tune failed the trial", trial=run.info.run_name)
     kill_head(str(cluster.temp_b))  # the dead node's remaining processes (agents, workers) before it restarts
     cluster.start_node_b()
     status = client.get_run(run.info.run_id).data.metrics.get(LOGGED_STEP)
