@@ -101,6 +101,7 @@ def train(tune_config: dict, setup: TrialSetup) -> None:
         POOL.discard()  # an engine may be what failed: the next trial here builds fresh ones
         raise
     finally:
+        POOL.release()  # per-trial state of the kept engines (the weight-sync group) ends with the trial
         tracker.end_run(run_id, status)
 
 
