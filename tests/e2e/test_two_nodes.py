@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -289,7 +290,8 @@ def test_study_across_two_nodes(cluster, timeline, mode):
     assert len({c.parents[2] for c in checkpoints}) == 2, checkpoints
     assert {c.parent.name for c in checkpoints} == {f"step_{STEPS:06d}", f"step_{STEPS - CHECKPOINT_EVERY:06d}"}
     if fault:  # the hit trial failed on its dead engine and ran again with a new one on the restarted node_b
-        assert "ActorDiedError" in output and len(set(placed["RolloutWorker"])) == 2, output[-4000:]
+        died = re.search(r"ray\.exceptions\.Actor(Died|Unavailable)Error", output)  # which one: a race in Ray
+        assert died and len(set(placed["RolloutWorker"])) == 2, output[-4000:]
     timeline("checked", mode=mode, runs=len(runs), checkpoints=len(checkpoints))
 
 
