@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -99,6 +100,10 @@ class RolloutConfig:
         "object_store")
     cpus_per_worker: float = _doc("CPU bundle per rollout actor.", 1.0)
     gpus_per_worker: float = _doc("GPU bundle per rollout actor (0 on CPU machines).", 0.0)
+    node_resource: str = _doc(
+        "Custom Ray resource that pins the rollout actors to the nodes that have it ('' = anywhere): each "
+        "rollout bundle also asks for 0.001 of it, so start those nodes with e.g. `ray start --resources="
+        "'{\"rollout_node\": 1}'`. Different names for learner and rollout put them on different nodes.", "")
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,9 @@ class LearnerConfig:
         "0 = split by micro_batch_size rows only (which also caps the rows when a budget is set).", 0)
     cpus_per_worker: float = _doc("CPU bundle per learner actor.", 1.0)
     gpus_per_worker: float = _doc("GPU bundle per learner actor (0 on CPU machines).", 0.0)
+    node_resource: str = _doc(
+        "Custom Ray resource that pins the learner actors to the nodes that have it ('' = anywhere); see "
+        "rollout.node_resource.", "")
 
 
 @dataclass(frozen=True)
@@ -368,6 +376,7 @@ def _validate_algorithm(a: AlgorithmConfig) -> None:
 
 def _validate_rollout(r: RolloutConfig, a: AlgorithmConfig) -> None:
     _one_of(r.weight_sync, WEIGHT_SYNCS, "rollout.weight_sync")
+    _check_node_resource(r.node_resource, "rollout.node_resource")
     min_group = 2 if a.advantage in ("rloo", "grpo") else 1
     _check(r.n_samples >= min_group, "rollout.n_samples",
            f"must be >= {min_group} for advantage={a.advantage!r} (a group baseline needs 2+ samples), "
@@ -390,8 +399,20 @@ def _validate_rollout(r: RolloutConfig, a: AlgorithmConfig) -> None:
            "(one engine per GPU, each step's prompts split across them)")
 
 
+# Resources Ray itself accounts for: a node-pinning resource must be a custom one.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _check_node_resource(name: str, path: str) -> None:
+    _check(name == "" or (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:-]*", name) is not None
+                          and name not in RAY_BUILTIN_RESOURCES), path,
+           f"must be '' or a custom Ray resource name (letters, digits, _ . : -; not one of "
+           f"{RAY_BUILTIN_RESOURCES}), got {name!r}")
+
+
 def _validate_learner(lrn: LearnerConfig) -> None:
     _one_of(lrn.backend, BACKENDS, "learner.backend")
+    _check_node_resource(lrn.node_resource, "learner.node_resource")
     _check(lrn.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be one of [0, 1, 2, 3], got {lrn.zero_stage}")
     _check(lrn.lr > 0, "learner.lr", f"must be > 0, got {lrn.lr}")
     _check(lrn.weight_decay >= 0, "learner.weight_decay", f"must be >= 0, got {lrn.weight_decay}")

@@ -98,7 +98,8 @@ def cmd_run(args) -> int:
     try:
         study = launch.prepare_run_dir(study, run_dir, args.resume)
         outcome = launch.run_study(study, run_dir, address=args.address, tracking_uri=args.tracking_uri,
-                                   resume=args.resume, storage_path=args.storage_path)
+                                   resume=args.resume, storage_path=args.storage_path,
+                                   shared_storage=args.shared_storage)
     except SpecError as exc:  # --resume rereads the recorded study.yaml, which may predate a newer check
         _err(str(exc))
         return EXIT_SPEC
@@ -333,6 +334,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="Tune checkpoints and experiment state: a path every node shares (NFS/EFS) or a "
                         "bucket URI like s3://bucket/klrl; required on multi-node clusters "
                         "(default: <run dir>/tune)")
+    p.add_argument("--shared-storage", action="store_true",
+                   help="declare that --storage-path is a local path every Ray node mounts at the same place "
+                        "(a shared mount klrl does not recognise, or several nodes on one machine)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study in --run-dir")
     root = os.environ.get("KLRL_RUN_DIR")
     p.add_argument("--run-dir", default=None,

@@ -1,9 +1,10 @@
 """The driver: connect to Ray, open the study's MLflow runs, run (or resume) the Tune study, close up.
 
-Order matters: the tracking store and the Ray address are checked first (fail in seconds, before any
-trial starts), the MLflow experiment and parent run are created here and not in the trials (concurrent
-trials would race to create the experiment), and whatever happens (all done, a failed trial, SIGINT or
-SIGTERM) the driver ends every child run a killed trial could not end itself, so no run stays RUNNING.
+Order matters: the tracking store, the Ray address and the cluster (GPUs, node resources, the multi-node
+storage guard) are checked first (fail in seconds, before any MLflow run or trial starts), the MLflow
+experiment and parent run are created here and not in the trials (concurrent trials would race to create
+the experiment), and whatever happens (all done, a failed trial, SIGINT or SIGTERM) the driver ends every
+child run a killed trial could not end itself, so no run stays RUNNING.
 
 Run directory layout (one study per directory):
     <run_dir>/study.yaml      the study as run (overrides applied), reread by --resume
@@ -114,14 +115,18 @@ def on_shared_filesystem(path: str) -> bool:
     return fstype.startswith(SHARED_FS_TYPES)
 
 
-def check_multi_node_storage(uri: str, storage: str, trial_resources: dict[str, float]) -> None:
+def check_multi_node_storage(uri: str, storage: str, trial_resources: dict[str, float],
+                             shared_storage: bool = False) -> None:
     """On a multi-node cluster, refuse node-local stores before any trial starts.
 
     Trials run on worker nodes, where a sqlite/file MLflow store or a Tune storage path on the driver's
     local disk is a *different* file: their runs and checkpoints would never reach the driver (Tune
     itself only fails at the first checkpoint, minutes in). A cluster counts as multi-node when it has
     two nodes now, or when one trial needs more of a resource than it has now (an autoscaler will add
-    nodes, e.g. cluster.yaml's GPU workers behind a GPU-less head).
+    nodes, e.g. cluster.yaml's GPU workers behind a GPU-less head). A local storage path passes when its
+    mount is a network filesystem or when the user declares it shared (`shared_storage`, `--shared-storage`:
+    a mount klrl does not recognise, or several nodes on one machine); a file-based tracking store never
+    does (concurrent sqlite writers over a network filesystem corrupt it).
     """
     import ray
 
@@ -132,16 +137,31 @@ def check_multi_node_storage(uri: str, storage: str, trial_resources: dict[str, 
         return
     parsed = urlparse(uri)
     problems = []
-    # sqlite:////abs/mlflow.db parses to the path //abs/mlflow.db
-    store = "/" + parsed.path.lstrip("/") if parsed.scheme == "sqlite" else parsed.path
-    if parsed.scheme in ("", "file", "sqlite") and not on_shared_filesystem(store):
+    if parsed.scheme in ("", "file", "sqlite"):
         problems.append(f"--tracking-uri {uri} (start `mlflow server` and pass http://<host>:5000)")
-    if "://" not in storage and not on_shared_filesystem(storage):
-        problems.append(f"--storage-path {storage} (pass s3://<bucket>/klrl or a path on a shared mount)")
+    if "://" not in storage and not (shared_storage or on_shared_filesystem(storage)):
+        problems.append(f"--storage-path {storage} (pass s3://<bucket>/klrl, a path on a shared mount, or "
+                        "--shared-storage if every node mounts it)")
     if problems:
         why = f"has {nodes} nodes" if nodes > 1 else "must add nodes for a trial (it lacks the resources)"
         raise LaunchError(f"this Ray cluster {why}, and trials on other nodes than this driver's cannot "
                           "reach a node-local store: " + "; ".join(problems))
+
+
+def check_node_resources(study: Study) -> None:
+    """Refuse a learner/rollout.node_resource that no node of the cluster has and no autoscaler could add
+    (Tune would wait forever for the trial's placement group)."""
+    import ray
+
+    have = ray.cluster_resources()
+    configs = [study.trial_config(labels) for labels in study.grid()] or [study.trial_config({})]
+    for config in configs:
+        for role in ("learner", "rollout"):
+            name = getattr(config, role).node_resource
+            if name and name not in have and autoscaler_limit(name) is None:
+                raise LaunchError(f"{role}.node_resource: no node of this Ray cluster has resource {name!r} and "
+                                  f"no autoscaler could add one; start a node with `ray start --resources="
+                                  f"'{{\"{name}\": 1}}'` or unset it (cluster has {sorted(have)})")
 
 
 def max_trial_resources(study: Study) -> dict[str, float]:
@@ -322,7 +342,8 @@ def _sigterm_as_sigint(signum, frame):
 
 
 def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_uri: str | None = None,
-              resume: bool = False, storage_path: str | None = None, log=print) -> Outcome:
+              resume: bool = False, storage_path: str | None = None, shared_storage: bool = False,
+              log=print) -> Outcome:
     """Run or resume a validated study; returns the Outcome (the CLI exits 0 iff outcome.ok)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's CLIReporter table instead of the AIR output
     uri = tracking_uri_for(study, run_dir, tracking_uri)
@@ -332,7 +353,15 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
     if not resume and (run_dir / "tune" / study.name).exists():
         raise LaunchError(f"{run_dir} already holds study {study.name!r}: pass --resume to continue it, "
                           f"another --run-dir, or delete {run_dir}")
-    tracker, experiment_id, parent = open_study_runs(study, run_dir, uri, resume, storage)
+    connect_ray(address, run_dir)
+    try:  # the cluster's checks come before any MLflow run or warm start: a refusal leaves nothing behind
+        check_cluster_gpus(study, address)
+        check_multi_node_storage(uri, storage, max_trial_resources(study), shared_storage)
+        check_node_resources(study)
+        tracker, experiment_id, parent = open_study_runs(study, run_dir, uri, resume, storage)
+    except BaseException:
+        _shutdown_ray()
+        raise
     from orchestrator.trainable import TrialSetup
 
     setup = TrialSetup(study=study, run_dir=str(run_dir), tracking_uri=uri, experiment_id=experiment_id,
@@ -340,9 +369,6 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
     status, previous = "KILLED", None
     try:
         prebuild_policies(study, run_dir, log)
-        connect_ray(address, run_dir)
-        check_cluster_gpus(study, address)
-        check_multi_node_storage(uri, storage, max_trial_resources(study))
         # After ray.init, which installs its own (aborting) SIGTERM handler in the driver.
         previous = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
         tuner = build_tuner(study, setup, storage, resume)

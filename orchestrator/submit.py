@@ -90,7 +90,9 @@ def entrypoint(space: str, run_dir: Path, args, env_vars: dict[str, str]) -> str
     for flag, value in (("--tracking-uri", args.tracking_uri), ("--storage-path", args.storage_path)):
         if value:
             argv += [flag, value]
-    return shlex.join(argv + (["--resume"] if args.resume else []))
+    flags = [flag for flag, on in (("--shared-storage", getattr(args, "shared_storage", False)),
+                                   ("--resume", args.resume)) if on]
+    return shlex.join(argv + flags)
 
 
 def submit(args, run_dir: Path, cache_root: Path | None, log=print) -> int:

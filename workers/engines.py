@@ -7,7 +7,9 @@ trainable then holds no reserved CPU and the trial's placement group holds only 
 so inside the trainable learner i sits in bundle i and rollout j in bundle num_learners + j. The
 trial's own work (rewards, metrics) is light next to the engines, so a trial fits in 2 CPUs:
 learner 1 + rollout 1. `create_placement_group` builds the same worker bundles outside Tune (tests,
-benchmarks).
+benchmarks). Both reserve with PACK (Tune's default): one node when the bundles fit there, else spread
+over several; `learner.node_resource` / `rollout.node_resource` add a custom resource to a role's bundles
+to pin it to the nodes that have that resource (e.g. learner and rollout on different nodes).
 
 Reuse: starting vLLM and DeepSpeed costs seconds to minutes, a miniature trial's steps about as much.
 Tune (`reuse_actors`) keeps a finished trial's trainable process, and with it its placement group, for
@@ -38,15 +40,22 @@ from workers.actors import START_TIMEOUT_S, LearnerGroup, RolloutGroup
 # ---- placement ----------------------------------------------------------------------------------------
 
 
-def _bundle(cpus: float, gpus: float) -> dict[str, float]:
-    return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
+# Amount of a node-pinning resource (learner/rollout.node_resource) each bundle asks for: enough to
+# restrict the bundle to nodes that have the resource, small enough that a node given 1 of it takes any
+# number of bundles.
+NODE_RESOURCE_AMOUNT = 0.001
+
+
+def _bundle(cpus: float, gpus: float, node_resource: str) -> dict[str, float]:
+    return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {}),
+            **({node_resource: NODE_RESOURCE_AMOUNT} if node_resource else {})}
 
 
 def worker_bundles(config: Config) -> list[dict[str, float]]:
     """One bundle per learner actor, then one per rollout actor (the placement group's bundles)."""
     lc, rc = config.learner, config.rollout
-    return ([_bundle(lc.cpus_per_worker, lc.gpus_per_worker)] * lc.num_workers
-            + [_bundle(rc.cpus_per_worker, rc.gpus_per_worker)] * rc.num_workers)
+    return ([_bundle(lc.cpus_per_worker, lc.gpus_per_worker, lc.node_resource)] * lc.num_workers
+            + [_bundle(rc.cpus_per_worker, rc.gpus_per_worker, rc.node_resource)] * rc.num_workers)
 
 
 def bundles_for(config: Config) -> list[dict[str, float]]:

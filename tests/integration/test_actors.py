@@ -129,3 +129,6 @@ def test_node_local_stores_refused_when_trials_need_other_nodes(ray_session, tmp
     with pytest.raises(LaunchError, match="--tracking-uri sqlite.*--storage-path"):
         check_multi_node_storage(sqlite, str(tmp_path / "tune"), {"CPU": 1.0, "GPU": 4.0})
     check_multi_node_storage("http://mlflow.internal:5000", "s3://bucket/klrl", {"GPU": 4.0})  # shared: fine
+    with pytest.raises(LaunchError, match="--storage-path .*--shared-storage"):
+        check_multi_node_storage("http://mlflow.internal:5000", str(tmp_path / "tune"), {"GPU": 4.0})
+    check_multi_node_storage("http://mlflow.internal:5000", str(tmp_path / "tune"), {"GPU": 4.0}, shared_storage=True)

@@ -133,3 +133,22 @@ def test_in_reward_estimators_other_than_k1_are_legal_but_warned_about(mode, est
     assert len(notes) == int(biased)
     if biased:
         assert notes[0].startswith("algorithm.kl_estimator: ") and "biased gradient" in notes[0] and "k1" in notes[0]
+
+
+@pytest.mark.parametrize("name", ["CPU", "memory", "node a", "1node", '{"node_b": 1}'])
+def test_node_resource_must_be_a_custom_ray_resource_name(name):
+    for role in ("learner", "rollout"):
+        with pytest.raises(ConfigError, match=rf"^{role}\.node_resource: .*{name!r}"):
+            Config.from_dict({role: {"node_resource": name}})
+
+
+def test_node_resource_pins_each_role_bundle_and_nothing_else():
+    from workers.engines import NODE_RESOURCE_AMOUNT, bundles_for
+
+    config = Config.from_dict({"learner": {"num_workers": 2, "node_resource": "node_a"},
+                               "rollout": {"node_resource": "node:10.0.0.2"}})
+    head, *learners, rollout = bundles_for(config)
+    assert head == {"CPU": 0.0}  # Tune drops an all-zero head bundle: the layout must not change
+    assert learners == [{"CPU": 1.0, "node_a": NODE_RESOURCE_AMOUNT}] * 2
+    assert rollout == {"CPU": 1.0, "node:10.0.0.2": NODE_RESOURCE_AMOUNT}
+    assert bundles_for(Config())[1:] == [{"CPU": 1.0}, {"CPU": 1.0}]
