@@ -81,10 +81,12 @@ def cmd_run(args) -> int:
         _warn(warning)
     run_dir = default_run_dir(study.name, args.run_dir)
     _configure_env(run_dir, args.run_dir)
-    from orchestrator import launch
+    from orchestrator import launch, stale
     from orchestrator.tracking import TrackingError
 
     try:
+        for line in stale.mark_stale(run_dir, launch.tracking_uri_for(study, run_dir, args.tracking_uri)):
+            _warn(f"marked stale, its driver died: {line}")
         study = launch.prepare_run_dir(study, run_dir, args.resume)
         outcome = launch.run_study(study, run_dir, address=args.address, tracking_uri=args.tracking_uri,
                                    resume=args.resume, storage_path=args.storage_path)
@@ -209,6 +211,7 @@ def cmd_report(args) -> int:
         return EXIT_SPEC
     _configure_env(run_dir, None)  # before MLflow and matplotlib write their caches (never into $HOME)
     out = Path(args.out).resolve() if args.out else run_dir / "report"
+    _print_stale(run_dir, uri)
     return EXIT_OK if _write_report(name, uri, out, args.include_unfinished) else EXIT_TRIALS
 
 
@@ -219,6 +222,7 @@ def cmd_ui(args) -> int:
         _err(str(exc))
         return EXIT_SPEC
     _configure_env(run_dir, None)  # the UI process inherits it: no MLflow telemetry file in $HOME
+    _print_stale(run_dir, uri)
     if uri.startswith(("http://", "https://")):
         print(f"klrl: the study is tracked on a server already: open {uri}")
         return EXIT_OK
@@ -228,6 +232,14 @@ def cmd_ui(args) -> int:
     print(f"klrl: MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C stops it): {' '.join(argv)}", flush=True)
     os.execvp(argv[0], argv)
     return EXIT_OK  # pragma: no cover
+
+
+def _print_stale(run_dir: Path, uri: str) -> None:
+    """Runs left open by a dead driver (orchestrator/stale.py), marked now if not yet."""
+    from orchestrator.stale import describe_stale
+
+    for line in describe_stale(run_dir, uri):
+        print(f"klrl: {line} (MLflow filter: tags.`klrl.stale` = 'true')")
 
 
 def cmd_config(args) -> int:

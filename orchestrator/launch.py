@@ -7,7 +7,8 @@ SIGTERM) the driver ends every child run a killed trial could not end itself, so
 
 Run directory layout (one study per directory):
     <run_dir>/study.yaml      the study as run (overrides applied), reread by --resume
-    <run_dir>/driver.json     MLflow ids of the study (experiment, parent run), Tune storage; reread by --resume
+    <run_dir>/driver.json     MLflow ids of the study (experiment, parent run), Tune storage; reread by --resume;
+                              the live driver's pid/host/start and Ray address (orchestrator/stale.py)
     <run_dir>/tune/<name>/    Tune's experiment state, trial folders with klrl's checkpoints (or --storage-path/<name>)
     <run_dir>/mlflow.db, mlartifacts/   default MLflow store
     <run_dir>/ray/            Ray's temp dir when klrl starts Ray itself
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from orchestrator import stale
 from orchestrator.search_space import Study
 from orchestrator.tracking import ROLE_TAG, STUDY_TAG, check_reachable, default_uri, git_commit, make_tracker
 
@@ -330,6 +332,7 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
         raise LaunchError(f"{run_dir} already holds study {study.name!r}: pass --resume to continue it, "
                           f"another --run-dir, or delete {run_dir}")
     tracker, experiment_id, parent = open_study_runs(study, run_dir, uri, resume, storage)
+    stale.record_driver(run_dir)  # this process drives the run dir now: a later klrl can tell if it died
     from orchestrator.trainable import TrialSetup
 
     setup = TrialSetup(study=study, run_dir=str(run_dir), tracking_uri=uri, experiment_id=experiment_id,
@@ -338,6 +341,7 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
     try:
         prebuild_policies(study, run_dir, log)
         connect_ray(address, run_dir)
+        stale.record_driver(run_dir, ray_address=_gcs_address())  # fault tests find this study's actors by it
         check_cluster_gpus(study, address)
         check_multi_node_storage(uri, storage, max_trial_resources(study))
         # After ray.init, which installs its own (aborting) SIGTERM handler in the driver.
@@ -358,6 +362,15 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
             log(f"klrl: marked {closed} unfinished trial run(s) {'FAILED' if status == 'FAILED' else 'KILLED'}")
         tracker.end_run(parent, status)
         _shutdown_ray()
+
+
+def _gcs_address() -> str | None:
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # a Ray Client (ray://) connection has no GCS address of its own
+        return None
 
 
 def _shutdown_ray() -> None:
