@@ -153,7 +153,7 @@ def report_section(client, experiment_ids: list[str]) -> str:
     runs = stale_runs(client, experiment_ids)
     if not runs:
         return ""
-    lines = ["## Stale runs", "", "Left open by a driver that died (tag `klrl.stale`); `klrl run ... --resume` "
-             "continues them.", ""]
+    why = "Left open by a driver that died (tag `klrl.stale`); `klrl run ... --resume` continues them."
+    lines = ["## Stale runs", "", why, ""]
     lines += [f"- {r.info.run_name} ({r.info.run_id[:8]}): {r.data.tags.get(STALE_REASON_TAG, '')}" for r in runs]
     return "\n".join(lines + [""])
