@@ -32,7 +32,9 @@ import torch
 
 from core.types import TokenScores
 
-_LOG_RATIO_LIMIT = 20.0  # verl's pre-exp clip for k3: exp(20) ~ 5e8 is finite in float32
+# verl's clip of a log-ratio before exp (k3 here, the importance ratio in core/losses.py): exp(20) ~ 5e8
+# is finite in float32, so one diverged token cannot turn a step's loss into inf.
+LOG_RATIO_LIMIT = 20.0
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -99,10 +101,10 @@ def sampled_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     if clamp == 0:
         return SAMPLED_ESTIMATORS[estimator](logprobs, ref_logprobs)
     if estimator == "k3":
-        return _k3(logprobs, ref_logprobs, _LOG_RATIO_LIMIT).clamp(-clamp, clamp)
+        return _k3(logprobs, ref_logprobs, LOG_RATIO_LIMIT).clamp(-clamp, clamp)
     if estimator == "k3_plus":
         k2 = kl_k2(logprobs, ref_logprobs)
-        k3 = _k3(logprobs, ref_logprobs, _LOG_RATIO_LIMIT).clamp(-clamp, clamp)
+        k3 = _k3(logprobs, ref_logprobs, LOG_RATIO_LIMIT).clamp(-clamp, clamp)
         return k2 - k2.detach() + k3.detach()
     return SAMPLED_ESTIMATORS[estimator](logprobs, ref_logprobs).clamp(-clamp, clamp)
 

@@ -17,8 +17,6 @@ from core import kl as kl_lib
 from core.config import AlgorithmConfig
 from core.metrics import masked_mean
 
-_LOG_RATIO_LIMIT = 20.0  # as verl: keeps exp(log pi - log pi_old) finite for a diverged token
-
 
 def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean(values, mask)
@@ -70,7 +68,7 @@ def ppo_clip_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     additionally capped at -A c, so a token with a huge ratio and A < 0 stops pushing (zero gradient).
     """
     hi = clip_eps_high if clip_eps_high > 0 else clip_eps
-    log_ratio = (logprobs - old_logprobs).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+    log_ratio = (logprobs - old_logprobs).clamp(-kl_lib.LOG_RATIO_LIMIT, kl_lib.LOG_RATIO_LIMIT)
     ratio = log_ratio.exp()
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + hi)
@@ -112,7 +110,7 @@ def in_loss_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs:
         return kl.clamp(-algo.kl_clamp, algo.kl_clamp) if algo.kl_clamp > 0 else kl
     kl = kl_lib.sampled_kl(logprobs, ref_logprobs, estimator, algo.kl_clamp)
     if algo.kl_importance_correction:
-        log_w = (logprobs - old_logprobs).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+        log_w = (logprobs - old_logprobs).clamp(-kl_lib.LOG_RATIO_LIMIT, kl_lib.LOG_RATIO_LIMIT)
         kl = log_w.exp() * kl
     return kl
 

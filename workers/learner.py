@@ -32,6 +32,7 @@ Choices (see docs/DESIGN.md and docs/bench_learner.md):
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -75,16 +76,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _output_vocab(model: torch.nn.Module) -> int:
-    return int(model.get_output_embeddings().weight.shape[0])
-
-
-def check_same_vocab(policy: torch.nn.Module, reference: torch.nn.Module, policy_path: Path, ref_path: Path) -> None:
-    """KL between two models is only defined over one shared vocabulary."""
-    p, r = _output_vocab(policy), _output_vocab(reference)
-    if p != r:
-        raise ValueError(f"reference_path: vocabulary mismatch, policy '{policy_path}' has {p} output tokens but "
-                         f"reference '{ref_path}' has {r}; the reference must share the policy's tokenizer")
+def check_same_vocab(policy: Path, reference: Path) -> None:
+    """KL between two models is only defined over one shared vocabulary (read from their config.json, so
+    the driver can refuse a mismatch before any rank starts and waits in the rendezvous)."""
+    vocab = {name: json.loads((folder / "config.json").read_text()).get("vocab_size")
+             for name, folder in (("policy", policy), ("reference", reference))}
+    if vocab["policy"] != vocab["reference"]:
+        raise ValueError(f"reference_path: vocabulary mismatch, policy '{policy}' has vocab_size "
+                         f"{vocab['policy']} but reference '{reference}' has {vocab['reference']}; the "
+                         "reference must share the policy's tokenizer")
 
 
 def init_distributed(backend: str, rank: int, world_size: int, master_addr: str | None,
@@ -164,13 +164,13 @@ class LearnerWorker:
         self.config, self.rank, self.world_size = config, rank, world_size
         policy_path = check_model_folder(model_path, "model_path", tokenizer=False)
         ref_path = check_model_folder(reference_path or model_path, "reference_path", tokenizer=False)
+        check_same_vocab(policy_path, ref_path)
         self.device = actor.torch_device()
         init_distributed(backend, rank, world_size, master_addr, master_port)
         torch.manual_seed(config.run.seed)
         dtype = getattr(torch, config.model.dtype)
         policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
         reference = AutoModelForCausalLM.from_pretrained(ref_path, dtype=dtype)
-        check_same_vocab(policy, reference, policy_path, ref_path)
         if config.learner.gradient_checkpointing:
             # Non-reentrant: composes with the chunked head's own checkpoints and with ZeRO-3's hooks.
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
