@@ -1,5 +1,6 @@
 """What tests/e2e/test_faults.py needs around a running `klrl run`: its checkpoints, its Ray processes (by pid,
-from Ray's state API at the address the driver records in driver.json, and the driver's own process tree),
+from Ray's actor and worker tables at the GCS address the driver records in driver.json, and the driver's
+own process tree),
 and the MLflow histories it leaves. Never a process name pattern: other studies (other users' Rays) share
 the machine.
 """
@@ -47,33 +48,43 @@ def ray_address(run_dir: Path) -> str | None:
         return None
 
 
-def alive_actors(address: str) -> list:
-    """Ray's state API: the study's ALIVE actors (class_name, pid, ...)."""
-    from ray.util.state import list_actors
+def gcs_state(address: str):
+    """Ray's state, read from the GCS at `address` (the actor and worker tables) without joining the
+    cluster. klrl's local Ray runs no dashboard, so `ray.util.state`'s HTTP API is not there to ask."""
+    from ray._private.state import GlobalState
+    from ray._raylet import GcsClientOptions
 
-    return list_actors(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False,
-                       timeout=10)
+    state = GlobalState()
+    state._initialize_global_state(GcsClientOptions.create(address, None, allow_cluster_id_nil=True,
+                                                           fetch_cluster_id_if_nil=False))
+    return state
+
+
+def alive_actors(address: str) -> list[dict]:
+    """The study's ALIVE actors ({"ActorClassName", "Pid", ...}) from Ray's actor table."""
+    return [a for a in gcs_state(address).actor_table(None).values() if a["State"] == "ALIVE"]
 
 
 def worker_pids(address: str) -> set[int]:
-    """Ray's state API: pids of the study's live worker processes (the driver's too)."""
-    from ray.util.state import list_workers
+    """Pids of the study's live worker processes (Ray's worker table; the driver's too)."""
+    from ray.core.generated import gcs_pb2
 
-    workers = list_workers(address=address, filters=[("is_alive", "=", "True")], raise_on_missing_output=False,
-                           timeout=10)
-    return {w.pid for w in workers if w.pid}
+    table = gcs_state(address)._connect_and_get_accessor().get_worker_table()
+    return {w.pid for w in map(gcs_pb2.WorkerTableData.FromString, table) if w.is_alive and w.pid}
 
 
 def actor_pid(address: str, which: str) -> int:
     """Pid of the one live rollout actor ('rollout'), learner rank 0 ('learner') or trainable ('trainable':
     the actor that is neither, i.e. Tune's function trainable holding the trial loop)."""
-    actors = alive_actors(address)
+    actors = [(a["ActorClassName"], a["Pid"]) for a in alive_actors(address)]
     if which == "trainable":
-        found = [a for a in actors if a.class_name not in KLRL_ACTORS and "Probe" not in a.class_name]
+        found = [pid for name, pid in actors if name not in KLRL_ACTORS]
+        if len(found) > 1:  # Tune's function trainable is an ImplicitFunc actor
+            found = [pid for name, pid in actors if "ImplicitFunc" in name]
     else:
-        found = [a for a in actors if a.class_name == {"rollout": "RolloutWorker", "learner": "LearnerWorker"}[which]]
-    assert found, f"no live {which} actor among {[(a.class_name, a.pid) for a in actors]}"
-    return found[0].pid
+        found = [pid for name, pid in actors if name == {"rollout": "RolloutWorker", "learner": "LearnerWorker"}[which]]
+    assert len(found) == 1, f"not one live {which} actor among {actors}"
+    return found[0]
 
 
 def descendants(pid: int) -> set[int]:
