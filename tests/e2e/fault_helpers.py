@@ -113,6 +113,14 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
+def cmdline(pid: int) -> str:
+    """What `pid` runs (for the report of a leftover), read once it is found by pid."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:300]
+    except OSError:
+        return "?"
+
+
 def wait_gone(pids: set[int], timeout_s: float) -> set[int]:
     """Wait until none of `pids` lives; returns those still alive at the timeout."""
     deadline = time.monotonic() + timeout_s

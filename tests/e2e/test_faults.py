@@ -190,7 +190,7 @@ def _fault_run(folder: Path, study: Path, out: dict, times: dict):
         driver.wait(timeout=30)
     finally:
         driver.kill()
-    out["sigkill_leftovers"] = sorted(wait_gone(tree, 60))  # Ray dies with its driver (kernel fate-sharing)
+    out["sigkill_leftovers"] = {p: cmdline(p) for p in sorted(wait_gone(tree, 60))}  # Ray dies with its driver
     kill_all(set(out["sigkill_leftovers"]))
     pids |= tree
     out["phases"]["driver 2"] = time.monotonic() - start
