@@ -1,7 +1,7 @@
 """KL divergence between the policy pi and the frozen reference pi_ref: sampled-token estimators and the
 exact token-level KL from full-vocabulary logits.
 
-Notation (docs: /work/shared/SCIENCE.md). Tokens a are sampled from pi, and per token
+Notation (docs/CONVENTIONS.md derives the identities). Tokens a are sampled from pi, and per token
     x = log pi(a) - log pi_ref(a),    r = pi_ref(a) / pi(a) = exp(-x).
 Estimators of the reverse KL(pi || pi_ref) (Schulman, "Approximating KL divergence", 2020,
 http://joschu.net/blog/kl-approx.html):

@@ -179,7 +179,8 @@ class Learner(Protocol):
         """One PPO update; returns `section/name` metrics."""
 
     def sync_weights_to(self, rollout: Rollout) -> None:
-        """Load the policy's current weights into the rollout engine."""
+        """Load the policy's current weights into the rollout engine, the way `rollout.weight_sync` says
+        (through Ray's object store, or the trial's process group from the learner into the engines)."""
 
     def save_checkpoint(self, directory: str) -> None:
         """Weights, optimizer, step counters and RNG states under `directory`."""

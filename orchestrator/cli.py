@@ -2,18 +2,19 @@
 
     klrl run SPACE.yaml [--set key=value ...] [--address auto|HOST:PORT|ray://HOST:PORT]
                         [--tracking-uri URI] [--storage-path URI] [--resume] [--run-dir DIR]
+    klrl submit SPACE.yaml [--address http://HEAD:8265] [--run-dir DIR] [run's options]  # as a Ray job
     klrl validate SPACE.yaml [--set key=value ...]    # check a study file, list its trials, run nothing
                   [--placement [--address ...]]       # + place a trial on Ray and probe its actors' devices
                   [--gpu-memory-gib N]                # + refuse it if `klrl plan` says a GPU runs out of memory
     klrl plan SPACE.yaml [--set key=value ...] [--gpu h100] [--gpu-memory-gib 80]  # GPU memory, GPU-hours
     klrl report STUDY [--out DIR] [--include-unfinished] # STUDY: a run dir, a study file or a study name
-    klrl ui [STUDY] [--port 5000]                        # MLflow UI on 127.0.0.1 over the study's store
+    klrl ui [STUDY] [--port 5000]     # MLflow UI on 127.0.0.1; no STUDY: the only (or miniature) study
     klrl config --explain                                # every config field with its docstring
 
 Exit codes: 0 every trial finished; 1 some trial failed or did not finish; 2 bad study file or
 arguments; 3 Ray or the tracking store unreachable, or the run dir in use; 130 interrupted.
 The default run dir of a study is $KLRL_RUN_DIR/<study name> (./runs/<study name> when unset); caches
-(models, HF, vLLM) go to $KLRL_RUN_DIR/cache (to the run dir's when only --run-dir is given).
+(models, HF, vLLM, temp files) go to $KLRL_RUN_DIR/cache (to the run dir's when only --run-dir is given).
 """
 from __future__ import annotations
 
@@ -24,11 +25,19 @@ import shlex
 import sys
 from pathlib import Path
 
+from orchestrator import submit
+
 EXIT_OK, EXIT_TRIALS, EXIT_SPEC, EXIT_LAUNCH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DEFAULT_STUDY = "miniature"  # what `make run` runs; `klrl ui` opens it when no study is named
 
 
 def _err(message: str) -> None:
     print(f"klrl: error: {message}", file=sys.stderr)
+
+
+def runs_root() -> Path:
+    """Where studies live by default: $KLRL_RUN_DIR, else ./runs."""
+    return Path(os.environ.get("KLRL_RUN_DIR") or "runs").resolve()
 
 
 def _warn(message: str) -> None:
@@ -48,7 +57,7 @@ def _load_checked(space: str, overrides: list[str]):
 def default_run_dir(study_name: str, given: str | None) -> Path:
     if given:
         return Path(given).resolve()
-    return (Path(os.environ.get("KLRL_RUN_DIR") or "runs") / study_name).resolve()
+    return runs_root() / study_name
 
 
 def _configure_env(run_dir: Path, given: str | None) -> None:
@@ -80,6 +89,8 @@ def cmd_run(args) -> int:
     for warning in warnings:
         _warn(warning)
     run_dir = default_run_dir(study.name, args.run_dir)
+    if not submit.usable_in_job(run_dir, study.name):
+        return EXIT_SPEC
     _configure_env(run_dir, args.run_dir)
     from orchestrator import launch, stale
     from orchestrator.tracking import TrackingError
@@ -110,6 +121,24 @@ def cmd_run(args) -> int:
     return EXIT_OK if outcome.ok else (EXIT_INTERRUPTED if outcome.interrupted else EXIT_TRIALS)
 
 
+def cmd_submit(args) -> int:
+    from orchestrator.config_io import SpecError
+    from orchestrator.search_space import load_study
+
+    try:
+        study = load_study(args.space, args.set)  # a bad study fails here, before anything is uploaded
+    except SpecError as exc:
+        _err(str(exc))
+        return EXIT_SPEC
+    run_dir = default_run_dir(study.name, args.run_dir)
+    try:
+        # The default run dir is this machine's, so the cluster is too: share its caches (tiny models, HF).
+        return submit.submit(args, run_dir, cache_root=None if args.run_dir else runs_root())
+    except submit.SubmitError as exc:
+        _err(str(exc))
+        return EXIT_LAUNCH
+
+
 def _write_report(experiment: str, uri: str, out_dir: Path, include_unfinished: bool) -> Path | None:
     try:
         from orchestrator.report import write_report
@@ -132,11 +161,14 @@ def cmd_validate(args) -> int:
         return EXIT_SPEC
     for warning in warnings:
         _warn(warning)
+    from orchestrator.naming import short_trial_name
+
     print(f"{study.path}: study {study.name!r} is valid: {study.num_trials()} trial(s)")
     for labels in study.grid():
         cfg = study.trial_config(labels)
-        print(f"  {study.trial_name(labels):40s} kl_mode={cfg.algorithm.kl_mode} "
-              f"kl_estimator={cfg.algorithm.kl_estimator} seed={cfg.run.seed} task={cfg.task.name} "
+        estimator = cfg.algorithm.kl_estimator if cfg.algorithm.kl_mode != "none" else "-"
+        print(f"  {short_trial_name(study, labels):16s} {study.trial_name(labels):32s} "
+              f"kl_mode={cfg.algorithm.kl_mode} kl_estimator={estimator} seed={cfg.run.seed} task={cfg.task.name} "
               f"steps={cfg.run.steps}")
     if study.optuna:
         print(f"  Optuna: {study.optuna['num_samples']} samples of {sorted(study.optuna['params'])}, "
@@ -215,21 +247,55 @@ def cmd_report(args) -> int:
     return EXIT_OK if _write_report(name, uri, out, args.include_unfinished) else EXIT_TRIALS
 
 
+def studies_under(root: Path) -> list[Path]:
+    """Run dirs of the studies under root (folders holding a study.yaml), by name."""
+    return sorted(p.parent for p in root.glob("*/study.yaml")) if root.is_dir() else []
+
+
+def _default_study() -> str:
+    """The study `klrl ui` opens when none is named: the only one under the runs root, else miniature."""
+    root = runs_root()
+    found = studies_under(root)
+    names = [p.name for p in found]
+    if len(found) == 1 or DEFAULT_STUDY in names:
+        chosen = found[0] if len(found) == 1 else root / DEFAULT_STUDY
+        if len(found) > 1:
+            print(f"klrl: opening {DEFAULT_STUDY}; the other studies under {root}: "
+                  f"{', '.join(n for n in names if n != DEFAULT_STUDY)} (klrl ui NAME)")
+        return str(chosen)
+    if not found:
+        raise ValueError(f"no study under {root}: run one first (make run), or name a run dir, "
+                         "study file or study name")
+    raise ValueError(f"{len(found)} studies under {root}: name one: " + ", ".join(f"klrl ui {n}" for n in names))
+
+
 def cmd_ui(args) -> int:
     try:
-        _, uri, run_dir = _locate(args.study, args.tracking_uri)
+        _, uri, run_dir = _locate(args.study or _default_study(), args.tracking_uri)
     except Exception as exc:
         _err(str(exc))
         return EXIT_SPEC
-    _configure_env(run_dir, None)  # the UI process inherits it: no MLflow telemetry file in $HOME
-    _print_stale(run_dir, uri)
+    from orchestrator.tracking import ui_url
+
+    state = run_dir / "driver.json"
+    experiment_id = json.loads(state.read_text()).get("experiment_id") if state.is_file() else None
+    if state.is_file():
+        _configure_env(run_dir, None)
+        _print_stale(run_dir, uri)
     if uri.startswith(("http://", "https://")):
-        print(f"klrl: the study is tracked on a server already: open {uri}")
+        print(f"klrl: the study is tracked on a server already: open "
+              f"{ui_url(uri, experiment_id) if experiment_id else uri}")
         return EXIT_OK
+    if not run_dir.is_dir():
+        _err(f"no study at {run_dir}: run it first, or name a run dir, study file or study name")
+        return EXIT_SPEC
+    _configure_env(run_dir, None)  # the UI process inherits it: no MLflow telemetry or lock file outside
     mlflow = Path(sys.executable).with_name("mlflow")
     argv = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", uri,
-            "--host", "127.0.0.1", "--port", str(args.port)]
-    print(f"klrl: MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C stops it): {' '.join(argv)}", flush=True)
+            "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]  # one person's browser, not 4
+    base = f"http://127.0.0.1:{args.port}"
+    print(f"klrl: MLflow UI for {run_dir} (Ctrl-C stops it): {' '.join(argv)}")
+    print(f"klrl: open {ui_url(base, experiment_id) if experiment_id else base}", flush=True)
     os.execvp(argv[0], argv)
     return EXIT_OK  # pragma: no cover
 
@@ -262,27 +328,56 @@ def cmd_config(args) -> int:
     return EXIT_OK
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"klrl {version('klrl')}"
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "klrl (not installed)"
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options `klrl run` and `klrl submit` share (submit passes them on to the job's `klrl run`)."""
+    p.add_argument("space", help="study file, e.g. search_spaces/miniature.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config field, e.g. --set run.steps=5 (repeatable)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the run dir)")
+    p.add_argument("--storage-path", default=None,
+                   help="Tune checkpoints and experiment state: a path every node shares (NFS/EFS) or a "
+                        "bucket URI like s3://bucket/klrl; required on multi-node clusters "
+                        "(default: <run dir>/tune)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study in --run-dir")
+    root = os.environ.get("KLRL_RUN_DIR")
+    p.add_argument("--run-dir", default=None,
+                   help=f"study directory (default: {root}/<study>, from $KLRL_RUN_DIR)" if root else
+                   "study directory (default: ./runs/<study>, or $KLRL_RUN_DIR/<study> when KLRL_RUN_DIR is set)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="klrl", description="Ray-native studies of KL regularisation in RL "
                                                          "fine-tuning of LLMs")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or --resume) a study: search_spaces/<study>.yaml")
-    run.add_argument("space", help="study file, e.g. search_spaces/miniature.yaml")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a base config field, e.g. --set run.steps=5 (repeatable)")
+    _add_run_options(run)
     run.add_argument("--address", default=None, help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT "
                                                      "(default: start a local Ray)")
-    run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the run dir)")
-    run.add_argument("--storage-path", default=None,
-                     help="Tune checkpoints and experiment state: a path every node shares (NFS/EFS) or a "
-                          "bucket URI like s3://bucket/klrl; required on multi-node clusters "
-                          "(default: <run dir>/tune)")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted study in --run-dir")
-    run.add_argument("--run-dir", default=None, help="study directory (default: $KLRL_RUN_DIR/<study>)")
     run.set_defaults(func=cmd_run)
+    job = sub.add_parser("submit", help="run a study as a Ray job on a running cluster (uploads this folder)",
+                         description="Submit `klrl run SPACE` as a Ray job: uploads the working dir, passes "
+                                     "the absolute run dir and this checkout's git commit, prints the job id, "
+                                     "follows the job's logs and exits with the job's exit code.")
+    _add_run_options(job)
+    job.add_argument("--address", default=None,
+                     help=f"the cluster's dashboard (default: $RAY_ADDRESS, else {submit.DEFAULT_ADDRESS})")
+    job.add_argument("--job-id", default=None, help="submission id for the job (default: Ray picks one)")
+    job.add_argument("--no-wait", action="store_true", help="print the job id and return without following")
+    job.set_defaults(func=cmd_submit)
     val = sub.add_parser("validate", help="validate a study file and list its trials")
-    val.add_argument("space")
-    val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    val.add_argument("space", help="study file, e.g. search_spaces/miniature.yaml")
+    val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a base config field, as with `klrl run` (repeatable)")
     val.add_argument("--placement", action="store_true",
                      help="also create a trial's placement group on Ray and start a probe actor in each bundle "
                           "with the real actors' options; reports every actor's device; loads no model")
@@ -296,17 +391,23 @@ def parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     rep = sub.add_parser("report", help="write report.md, summary.csv and plots for a study")
     rep.add_argument("study", help="run dir, study file or study name")
-    rep.add_argument("--tracking-uri", default=None)
+    rep.add_argument("--tracking-uri", default=None,
+                     help="MLflow tracking URI (default: the one the study ran with, from <run dir>/driver.json)")
     rep.add_argument("--out", default=None, help="output folder (default: <run dir>/report)")
-    rep.add_argument("--include-unfinished", action="store_true")
+    rep.add_argument("--include-unfinished", action="store_true",
+                     help="let trials that stopped before their last step enter the confidence intervals "
+                          "and tests (they are always plotted and listed)")
     rep.set_defaults(func=cmd_report)
     ui = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 for a study's store")
-    ui.add_argument("study", nargs="?", default=None, help="run dir, study file or study name")
-    ui.add_argument("--tracking-uri", default=None)
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("study", nargs="?", default=None,
+                    help=f"run dir, study file or study name (default: the only study under the runs folder, "
+                         f"else {DEFAULT_STUDY}; with several and no {DEFAULT_STUDY}, they are listed)")
+    ui.add_argument("--tracking-uri", default=None,
+                    help="MLflow tracking URI (default: the one the study ran with, from <run dir>/driver.json)")
+    ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     ui.set_defaults(func=cmd_ui)
     cfg = sub.add_parser("config", help="list every config field (with --explain: its docstring)")
-    cfg.add_argument("--explain", action="store_true")
+    cfg.add_argument("--explain", action="store_true", help="print each field's docstring under it")
     cfg.set_defaults(func=cmd_config)
     return p
 

@@ -13,8 +13,17 @@ from __future__ import annotations
 import math
 
 from orchestrator.plots import PASS_AT_K_PREFIX
-from orchestrator.stats import (ALPHA, MAX_SEEDS_REPORTED, MIN_SEEDS_FOR_VERDICT, NO_DIFFERENCE_DZ, POWER_TARGET,
-                                Comparison, fmt_p, mean_ci, seeds_for_power)
+from orchestrator.stats import (
+    ALPHA,
+    MAX_SEEDS_REPORTED,
+    MIN_SEEDS_FOR_VERDICT,
+    NO_DIFFERENCE_DZ,
+    POWER_TARGET,
+    Comparison,
+    fmt_p,
+    mean_ci,
+    seeds_for_power,
+)
 
 DIVERSITY_COLUMNS = ("cosine similarity", "distinct valid answers", "answer entropy (nats)")
 ENTROPY_COLUMN = "entropy (nats/token)"

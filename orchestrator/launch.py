@@ -222,8 +222,8 @@ def open_study_runs(study: Study, run_dir: Path, uri: str, resume: bool, storage
         tracker.reopen(state["parent_run_id"])
         return tracker, state["experiment_id"], state["parent_run_id"]
     experiment_id = tracker.ensure_experiment(experiment_name(study), artifact_dir=run_dir / "mlartifacts")
-    parent = tracker.start_run(experiment_id, study.name, {STUDY_TAG: study.name, ROLE_TAG: "study", "klrl.run_dir": str(run_dir),
-                                                           "git_commit": git_commit()})
+    parent = tracker.start_run(experiment_id, study.name, {STUDY_TAG: study.name, ROLE_TAG: "study",
+                                                           "klrl.run_dir": str(run_dir), "git_commit": git_commit()})
     tracker.log_params(parent, {"study.file": study.path, "study.trials": study.num_trials(),
                                 "study.axes": ",".join(a.name for a in study.axes) or "-"})
     tracker.log_text(parent, (run_dir / "study.yaml").read_text(), "study.yaml")
@@ -246,8 +246,11 @@ def build_tuner(study: Study, setup, storage: str, resume: bool):
     """
     from ray import tune
 
+    from orchestrator.progress import StartEndReporter, StudyProgress, quiet_tune_output
     from orchestrator.trainable import NoRetryAfterNonFinite, train
     from workers.engines import bundles_for
+
+    quiet_tune_output()
 
     def resources(tune_config: dict):
         config = study.trial_config(tune_config.get("grid", {}), tune_config.get("search", {}))
@@ -261,14 +264,14 @@ def build_tuner(study: Study, setup, storage: str, resume: bool):
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     axis_columns = {f"grid/{a.name}": a.name for a in study.axes}
     axis_columns.update({f"search/{k}": k.rsplit(".", 1)[1] for k in (study.optuna or {}).get("params", {})})
-    reporter = tune.CLIReporter(
+    reporter = StartEndReporter(
         metric_columns={"step": "step", "reward/mean": "reward", "kl/k1_mean": "kl_k1",
                         "entropy/token_mean": "entropy", "time/step_s": "step_s"},
-        parameter_columns=axis_columns, max_report_frequency=15, sort_by_metric=False)
+        parameter_columns=axis_columns, sort_by_metric=False)
     run_config = tune.RunConfig(
         name=study.name, storage_path=storage, progress_reporter=reporter, verbose=1,
         failure_config=tune.FailureConfig(max_failures=study.tune.get("max_failures", 1)),
-        callbacks=[NoRetryAfterNonFinite()])
+        callbacks=[NoRetryAfterNonFinite(), StudyProgress(study)])
     tune_config = study.tune_config()
     tune_config.reuse_actors = True
     tune_config.trial_name_creator = lambda t: _short_name(study, t)

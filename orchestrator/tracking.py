@@ -5,6 +5,17 @@ trial (tag `mlflow.parentRunId`). Everything goes through `MlflowClient` with ex
 than the fluent API's global "active run", because the driver and many trial processes write to the same
 store at once. The default store is `sqlite:///<run_dir>/mlflow.db` with artifacts in
 `<run_dir>/mlartifacts`.
+
+What the MLflow UI (3.17) shows first: the experiment page picks its tab from the *workflow type*, read
+from the URL's `workflowType` query parameter, else from the browser's localStorage, else "genai", which
+opens on an empty Traces page and labels every run an "Evaluation" (see the UI bundle's
+`mlflow.workflowType` context and its experiment-kind hook). The `mlflow.experimentKind` experiment tag
+decides it only in UIs without the workflow switch (MLflow 3.0-3.16); klrl sets it too. `ui_url` is the
+link that opens the runs table directly: machine-learning workflow, the trial runs filtered in and sorted
+by name (any order but by date lists them flat instead of folded under the study's collapsed parent run,
+which the filter also keeps out of the charts).
+The UI's telemetry notice lives only on its home page and can only be dismissed in the browser; the link
+skips that page.
 """
 from __future__ import annotations
 
@@ -12,6 +23,7 @@ import json
 import os
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,6 +33,8 @@ RUN_NAME_TAG = "mlflow.runName"
 STUDY_TAG, TRIAL_TAG = "klrl.study", "klrl.trial_id"
 ROLE_TAG = "klrl.role"  # 'study' on the parent run, 'trial' on children (orchestrator/report.py reads it)
 STALE_TAG, STALE_REASON_TAG = "klrl.stale", "klrl.stale_reason"  # left open by a dead driver (orchestrator/stale.py)
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+GIT_COMMIT_ENV = "KLRL_GIT_COMMIT"  # set by `klrl submit`: a job's uploaded working dir has no .git
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 _MAX_BATCH = 100  # MLflow's log_batch limit for params
 _MAX_METRICS = 1000  # MLflow's log_batch limit for metrics
@@ -71,7 +85,18 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             raise TrackingError(f"MLflow store {uri}: {folder} is not writable")
 
 
+def ui_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's trial runs (see the module docstring)."""
+    query = urllib.parse.urlencode({"workflowType": "machine_learning", "searchFilter": f"tags.`{ROLE_TAG}` = 'trial'",
+                                    "orderByKey": f"tags.`{RUN_NAME_TAG}`", "orderByAsc": "true"},
+                                   quote_via=urllib.parse.quote)
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
 def git_commit(cwd: str | Path | None = None) -> str:
+    """$KLRL_GIT_COMMIT when set (by `klrl submit` on the submitting side), else `git rev-parse HEAD`."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"
@@ -99,9 +124,12 @@ class MlflowTracker:
         """The experiment's id, created if missing (by the driver, before trials race to create it)."""
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
             return found.experiment_id
         location = Path(artifact_dir).resolve().as_uri() if artifact_dir and self.uri.startswith("sqlite") else None
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=location,
+                                             tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
 
     def start_run(self, experiment_id: str, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
         tags = {**tags, RUN_NAME_TAG: name, **({PARENT_TAG: parent_id} if parent_id else {})}

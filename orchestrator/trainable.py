@@ -26,6 +26,7 @@ from ray import tune
 from core.config import Config, flatten
 from orchestrator import evaluation
 from orchestrator.checkpoint import CheckpointStore, Ledger
+from orchestrator.naming import long_trial_name, short_trial_name
 from orchestrator.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG, TRIAL_TAG, make_tracker
 from orchestrator.trial import NonFiniteMetric, Trial, run_steps
 from workers import environment
@@ -62,10 +63,10 @@ def train(tune_config: dict, setup: TrialSetup) -> None:
     study, context = setup.study, tune.get_context()
     labels, sampled = tune_config.get("grid", {}), tune_config.get("search", {})
     config = study.trial_config(labels, sampled).replace(**{"run.run_dir": setup.run_dir})
-    label, trial_id = study.trial_name(labels), context.get_trial_id() or "local"
+    label, trial_id = short_trial_name(study, labels, sampled), context.get_trial_id() or "local"
     tracker = make_tracker(setup.tracking_uri)
-    run_id = open_trial_run(tracker, setup, config, trial_id, label, context.get_trial_name() or label,
-                            study.trial_overrides(labels, sampled))
+    names = {"run": label, "long": long_trial_name(study, labels, sampled), "tune": context.get_trial_name() or label}
+    run_id = open_trial_run(tracker, setup, config, trial_id, names, study.trial_overrides(labels, sampled))
 
     def report(step: int, metrics: dict) -> None:
         tune.report({**metrics, "step": step, "steps_total": config.run.steps, "trial_label": label})
@@ -100,6 +101,7 @@ def train(tune_config: dict, setup: TrialSetup) -> None:
         POOL.discard()  # an engine may be what failed: the next trial here builds fresh ones
         raise
     finally:
+        POOL.release()  # per-trial state of the kept engines (the weight-sync group) ends with the trial
         tracker.end_run(run_id, status)
 
 
@@ -155,9 +157,10 @@ def prepare_evaluation(trial: Trial, ledger: Ledger) -> float:
     return seconds
 
 
-def open_trial_run(tracker, setup: TrialSetup, config: Config, trial_id: str, run_name: str, tune_name: str,
+def open_trial_run(tracker, setup: TrialSetup, config: Config, trial_id: str, names: dict[str, str],
                    overrides: dict) -> str:
-    """This trial's nested MLflow run; a restarted or resumed trial reopens the run it had."""
+    """This trial's nested MLflow run, named `names["run"]` (the short name, orchestrator/naming.py) with the
+    long and the Tune names as tags; a restarted or resumed trial reopens the run it had."""
     import yaml
 
     key = {TRIAL_TAG: trial_id, PARENT_TAG: setup.parent_run_id}
@@ -169,8 +172,9 @@ def open_trial_run(tracker, setup: TrialSetup, config: Config, trial_id: str, ru
     tags = {**key, STUDY_TAG: setup.study.name, ROLE_TAG: "trial", "kl_mode": a.kl_mode,
             "kl_estimator": a.kl_estimator if a.kl_mode != "none" else "-", "seed": str(config.run.seed),
             "task": config.task.name, "git_commit": setup.git_commit, "mlflow.source.git.commit": setup.git_commit,
-            "klrl.trial_name": tune_name, **{f"axis.{k}": str(v) for k, v in overrides.items()}}
-    run_id = tracker.start_run(setup.experiment_id, run_name, tags, parent_id=setup.parent_run_id)
+            "klrl.long_name": names["long"], "klrl.trial_name": names["tune"],
+            **{f"axis.{k}": str(v) for k, v in overrides.items()}}
+    run_id = tracker.start_run(setup.experiment_id, names["run"], tags, parent_id=setup.parent_run_id)
     tracker.log_params(run_id, flatten(config.to_dict()))
     tracker.log_text(run_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
     return run_id

@@ -27,6 +27,7 @@ from tasks.policy import check_model_folder
 from workers import device, environment
 from workers.learner import SUMMED_METRICS, LearnerWorker, check_same_vocab, free_port
 from workers.rollout import RolloutWorker
+from workers.weight_sync import CollectiveWeightSync
 
 CALL_TIMEOUT_S = 900.0  # longest a single actor call may take (a slow CPU rollout or update)
 START_TIMEOUT_S = 600.0  # actor start: model load + DeepSpeed init (JIT-compiles a comm op on first use)
@@ -93,6 +94,9 @@ class LearnerGroup:
                  reference_path: str | os.PathLike | None = None, timeout_s: float = CALL_TIMEOUT_S):
         self.config, self.timeout_s, self.world_size = config, timeout_s, config.learner.num_workers
         self.actors: list = []
+        # rollout.weight_sync=collective: this trial's group and the RolloutGroup it serves
+        self._weight_sync: CollectiveWeightSync | None = None
+        self._weight_sync_target: RolloutGroup | None = None
         self.fresh = environment.run_dir() / "tmp" / f"learner-fresh-{uuid.uuid4().hex[:12]}"
         # Cheap driver-side checks first: a rank that dies in its constructor would leave the others
         # waiting in torch.distributed's rendezvous.
@@ -149,9 +153,24 @@ class LearnerGroup:
         return {k: float(sum(m[k] for m in per_rank)) if k in SUMMED_METRICS
                 else float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]}
 
-    def sync_weights_to(self, rollout: "RolloutGroup") -> None:
+    def sync_weights_to(self, rollout: RolloutGroup) -> None:
         """Load the policy's current weights into every engine of `rollout` (rollout.weight_sync's way)."""
         weight_sync(self.config)(self, rollout)
+
+    def weight_sync_group(self, rollout: RolloutGroup) -> CollectiveWeightSync:
+        """The trial's collective weight-sync group to `rollout`'s engines, built on first use."""
+        if self._weight_sync is None or self._weight_sync_target is not rollout:
+            self.close_weight_sync()
+            self._weight_sync = CollectiveWeightSync(self.actors, rollout.actors, self.timeout_s)
+            self._weight_sync_target = rollout
+        return self._weight_sync
+
+    def close_weight_sync(self) -> None:
+        """Tear the trial's weight-sync group down, if there is one (its port and its threads on every
+        member go with it): at the end of every trial, before a reset and at shutdown."""
+        if self._weight_sync is not None:
+            group, self._weight_sync, self._weight_sync_target = self._weight_sync, None, None
+            group.close()
 
     def export_weights_ref(self) -> ray.ObjectRef:
         """ObjectRef to rank 0's full weights (all ranks take part: ZeRO-3 gathers are collective).
@@ -175,8 +194,10 @@ class LearnerGroup:
         self._call("load_checkpoint", "learner load", str(directory))
 
     def reset(self, config: Config) -> None:
-        """Every rank back to its fresh snapshot, with this trial's seeds and call-time settings."""
+        """Every rank back to its fresh snapshot, with this trial's seeds and call-time settings. A new
+        trial gets a new weight-sync group (built at its first sync)."""
         weight_sync(config)
+        self.close_weight_sync()
         self._call("reset", "learner reset", config)
         self.config = config
 
@@ -184,6 +205,7 @@ class LearnerGroup:
         return bool(self.actors) and _alive([a.ping.remote() for a in self.actors])
 
     def shutdown(self) -> None:
+        self.close_weight_sync()
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
@@ -248,17 +270,20 @@ def _sync_through_object_store(learner: LearnerGroup, rollout: RolloutGroup) -> 
     rollout.update_weights(learner.export_weights_ref())
 
 
-# The dispatch point: config.rollout.weight_sync -> how learner weights reach the engines ('collective', a
-# process group between learner rank 0 and the engines, comes with workers/weight_sync.py).
-WEIGHT_SYNCS = {"object_store": _sync_through_object_store}
+def _sync_through_group(learner: LearnerGroup, rollout: RolloutGroup) -> None:
+    """Learner rank 0 broadcasts to every engine over the trial's process group (workers/weight_sync.py)."""
+    learner.weight_sync_group(rollout).sync()
+
+
+# The dispatch point: config.rollout.weight_sync -> how learner weights reach the engines.
+WEIGHT_SYNCS = {"object_store": _sync_through_object_store, "collective": _sync_through_group}
 
 
 def weight_sync(config: Config):
-    """The function that syncs weights for config.rollout.weight_sync; a clear error when unavailable."""
+    """The function that syncs weights for config.rollout.weight_sync; a clear error for an unknown one."""
     name = config.rollout.weight_sync
     if name not in WEIGHT_SYNCS:
-        raise ValueError(f"rollout.weight_sync: {name!r} is not available in this build (workers/"
-                         f"weight_sync.py adds the process-group path); available: {sorted(WEIGHT_SYNCS)}")
+        raise ValueError(f"rollout.weight_sync: unknown value {name!r}; allowed: {sorted(WEIGHT_SYNCS)}")
     return WEIGHT_SYNCS[name]
 
 

@@ -15,6 +15,10 @@ the next trial that asks for the same bundles; `POOL` in that process holds the 
 everything they bake in at construction (model folder, dtype, ZeRO stage, world sizes, vLLM's
 max_model_len and KV cache, ...: `engine_key`). A trial with the same key gets them back reset to
 exactly what a fresh build would be (`Engines.reset`); any other key, or a dead actor, builds anew.
+The collective weight-sync group (`rollout.weight_sync: collective`) is not kept: it is the trial's,
+closed when the trial ends (`EnginePool.release`, and by any reset or shutdown), and reused engines build
+a new one at their next trial's first sync. Rebuilding costs well under a second (docs/BENCHMARKS.md),
+and no trial inherits a group another trial may have left mid-collective or with a dead peer.
 """
 from __future__ import annotations
 
@@ -116,6 +120,11 @@ class Engines:
         self.rollout.reset(config)
         self.learner.sync_weights_to(self.rollout)
 
+    def end_trial(self) -> None:
+        """What lives only as long as a trial goes with it: the collective weight-sync group (the next
+        trial on these engines builds its own at its first sync)."""
+        self.learner.close_weight_sync()
+
     def alive(self) -> bool:
         return self.learner.alive() and self.rollout.alive()
 
@@ -164,6 +173,11 @@ class EnginePool:
             return self.engines, True
         self.engines = start_engines(model_path, config, pg)
         return self.engines, False
+
+    def release(self) -> None:
+        """The trial using the held engines has ended; they stay for the next one."""
+        if self.engines is not None:
+            self.engines.end_trial()
 
     def discard(self) -> None:
         """Shut the held engines down (after a failure: their state is unknown)."""

@@ -1,16 +1,24 @@
 """Process environment for every klrl process: caches inside the run directory, this process's engines.
 
-Called first by the CLI, benchmarks and the test session, before torch/vLLM/DeepSpeed/Ray read their
-environment. Only sets variables the user has not set, so a cluster's own settings win.
+Called first by the CLI, benchmarks, each actor and the test session, before torch/vLLM/DeepSpeed/Ray read
+their environment. Only sets variables the user has not set, so a cluster's own settings win.
 
 Actors get the cache variables (`actor_env_vars`) but never this process's engine settings: an actor's
 engine settings come from the resources it was given (workers/device.py), since the driver usually
 runs on a GPU-less head node while its actors hold GPUs.
+
+Nothing a study writes lands outside the run directory: besides the named caches, TMPDIR points into it,
+because several libraries write to `tempfile.gettempdir()` and never clean up: vLLM's engine rendezvous
+file (`vllm_dist_<uuid>`, vllm.utils.network_utils.get_file_store_init_method), MLflow's sqlite
+initialisation lock (`db_init_lock-<hash>`, mlflow.store.db.utils), torch inductor's default cache
+(`torchinductor_<user>`), Ray's checkpoint lock files (`_ray_lockfiles`) and Python's multiprocessing
+(`pymp-*`). The one exception is the short link to the Ray temp dir (see ray_temp_dir).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 RUN_DIR_ENV = "KLRL_RUN_DIR"
@@ -42,6 +50,8 @@ def cache_env(root: Path) -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "MLFLOW_TRACKING_DIR": str(root / "mlruns"),
         "TOKENIZERS_PARALLELISM": "false",
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),
+        "TMPDIR": str(cache / "tmp"),
     }
 
 
@@ -65,8 +75,9 @@ def configure(root: str | os.PathLike | None = None, cuda: bool | None = None) -
         cuda = Path("/dev/nvidia0").exists() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
     for key, value in {**cache_env(root_path), **engine_env(cuda)}.items():
         os.environ.setdefault(key, value)
-    for key in ("HF_HOME", "TORCH_EXTENSIONS_DIR", "MPLCONFIGDIR", "XDG_CACHE_HOME", "VLLM_CACHE_ROOT"):
-        Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
+    for key in ("HF_HOME", "TORCH_EXTENSIONS_DIR", "MPLCONFIGDIR", "XDG_CACHE_HOME", "VLLM_CACHE_ROOT", "TMPDIR"):
+        Path(os.environ[key]).mkdir(parents=True, exist_ok=True)  # tempfile ignores a TMPDIR that is missing
+    tempfile.tempdir = None  # gettempdir() caches its first answer; recompute it from TMPDIR
     # vLLM and DeepSpeed drop torch to one thread unless told otherwise.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1))))
     return root_path

@@ -50,6 +50,7 @@ from core.types import RolloutBatch, TokenScores, TrainBatch
 from tasks.policy import check_model_folder
 from workers import device
 from workers.sequence import ModelInputs, ResponseScorer, model_inputs, pack_micro_batches, trim_padding
+from workers.weight_transfer import TensorMeta, WeightSender, plan_buckets, tensor_meta
 
 CHECKPOINT_TAG = "klrl"
 DIST_TIMEOUT = timedelta(minutes=10)
@@ -338,6 +339,61 @@ class LearnerWorker:
             if self.rank != 0 and not every_rank:
                 return []
             return [(name, p.detach().to("cpu", copy=True)) for name, p in named]
+
+    # ------------------------------------------------- collective weight sync (workers/weight_sync.py)
+    def weight_sync_device(self) -> str:
+        return self.device.type
+
+    def weight_metas(self) -> list[TensorMeta]:
+        """(HF name, full shape, dtype) of every policy parameter, in the order broadcast_weights sends."""
+        return [tensor_meta(name, p) for name, p in self.engine.module.named_parameters()]
+
+    def listen_weight_sync(self, host: str, timeout_s: float) -> int:
+        """Rank 0: open the weight-sync rendezvous on a port the OS picks (returned)."""
+        self.close_weight_sync()
+        self._weight_sender = WeightSender(host, timeout_s)
+        return self._weight_sender.port
+
+    def join_weight_sync(self, world_size: int, backend: str) -> None:
+        """Rank 0: join the group as rank 0 (blocks until every rollout worker has joined)."""
+        self._weight_sender.join(world_size, backend, self.device)
+
+    def broadcast_weights(self, bucket_bytes: int) -> int:
+        """Send the full policy weights to the group in buckets, in named_parameters (layer) order;
+        returns the bytes sent (0 on ranks > 0).
+
+        Every rank must call it: under ZeRO-3 each bucket's parameters are all-gathered over the learner
+        ranks (a collective of the learner's own group) just before rank 0 packs and sends them, so no
+        rank ever holds more than a bucket beyond its shard.
+        """
+        import deepspeed
+
+        named = list(self.engine.module.named_parameters())
+        params = dict(named)
+        sender = getattr(self, "_weight_sender", None) if self.rank == 0 else None
+        if self.rank == 0 and (sender is None or sender.group is None):
+            raise RuntimeError("learner rank 0 has not joined a weight-sync group (listen/join_weight_sync)")
+
+        def gathered_buckets():
+            for bucket in plan_buckets([tensor_meta(n, p) for n, p in named], bucket_bytes):
+                tensors = [params[m.name] for m in bucket.tensors]
+                gather = (deepspeed.zero.GatheredParameters(tensors, modifier_rank=None)
+                          if self.config.learner.zero_stage == 3 else nullcontext())
+                with gather:
+                    yield bucket, tensors  # the sender packs them before the gather is released
+
+        with torch.no_grad():
+            if sender is None:
+                for _ in gathered_buckets():
+                    pass
+                return 0
+            return sender.send(gathered_buckets())
+
+    def close_weight_sync(self) -> None:
+        sender = getattr(self, "_weight_sender", None)
+        if sender is not None:
+            sender.close()
+        self._weight_sender = None
 
     def save_checkpoint(self, directory: str | os.PathLike) -> None:
         """Model, optimizer, step counter and every rank's RNG states under `directory` (collective)."""

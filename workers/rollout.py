@@ -15,7 +15,10 @@ measures it against raw vLLM:
   - padded tensors built with one preallocated tensor per field and one masked scatter each.
 Weights are pushed in place with `collective_rpc("reload_weights")`: on CPU vLLM repacks linear weights
 at load time, so `model.load_weights` on the running model does not work, while reload_weights redoes
-the repacking.
+the repacking. Two ways in (`rollout.weight_sync`): `update_weights` takes the whole list (object-store
+path); `open_weight_sync` / `receive_weights` join the trial's process group and load the learner's
+broadcast through the worker extension `workers/vllm_extension.py`, which every engine carries (so the
+setting is read at call time and an engine serves trials of either kind).
 """
 from __future__ import annotations
 
@@ -38,7 +41,9 @@ from workers import device
 LOGPROBS_MODE = "processed_logprobs"
 # Rollout settings read at call time; every other model/rollout field is built into the engine, so an
 # engine is reused only for a trial that agrees on all of those (`built_settings`).
-RESET_FIELDS = ("rollout.n_samples", "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens")
+RESET_FIELDS = ("rollout.n_samples", "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens",
+                "rollout.weight_sync")
+WORKER_EXTENSION = "workers.vllm_extension.WeightSyncExtension"  # vLLM's worker_extension_cls
 
 
 def built_settings(config: Config) -> dict:
@@ -62,10 +67,12 @@ class RolloutWorker:
         rollout: sampling defaults and engine resources (`RolloutConfig`).
         dtype: 'float32' or 'bfloat16' (vLLM's dtype).
         seed: engine seed, and the seed of sampling when `generate` gets no seed.
+        worker_extension_cls: qualified name of the class vLLM mixes into its workers (the receiving
+            end of the collective weight sync).
     """
 
     def __init__(self, model_path: str | os.PathLike, rollout: RolloutConfig, dtype: str = "float32",
-                 seed: int = 0):
+                 seed: int = 0, worker_extension_cls: str = WORKER_EXTENSION):
         # vLLM would otherwise try the hub and fail with an error that hides the local path.
         path = check_model_folder(model_path, "model_path", tokenizer=False)
         check_model_len(path, rollout)  # the driver could not, if the model was not on its machine
@@ -78,7 +85,8 @@ class RolloutWorker:
         device_args, device_env = actor.vllm_settings(rollout)
         os.environ.update(device_env)
         engine_args: dict = dict(model=str(path), dtype=dtype, max_model_len=rollout.max_model_len, seed=seed,
-                                 logprobs_mode=LOGPROBS_MODE, **device_args)
+                                 logprobs_mode=LOGPROBS_MODE, worker_extension_cls=worker_extension_cls,
+                                 **device_args)
         from vllm import LLM  # imported late: it is heavy and reads the environment set above
 
         self.llm = LLM(**engine_args)
@@ -176,6 +184,29 @@ class RolloutWorker:
         self._rng = np.random.default_rng(seed)
         self.llm.collective_rpc(_seed_engine_worker, args=(seed,))
         self.llm.reset_prefix_cache()
+
+    # ------------------------------------------------- collective weight sync (workers/weight_sync.py)
+    def weight_sync_devices(self) -> list[str]:
+        """Device type ('cpu'/'cuda') of each of the engine's workers: one group rank per worker."""
+        return self.llm.collective_rpc("klrl_device_type")
+
+    def open_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
+                         metas: list, bucket_bytes: int, timeout_s: float) -> list[int]:
+        """Join the trial's weight-sync group (blocks until every member has joined); returns the ranks."""
+        return self.llm.collective_rpc("klrl_open_weight_sync", kwargs={
+            "host": host, "port": port, "rank_offset": rank_offset, "world_size": world_size, "backend": backend,
+            "metas": metas, "bucket_bytes": bucket_bytes, "timeout_s": timeout_s})
+
+    def receive_weights(self) -> int:
+        """Load the learner's next broadcast; returns the bytes worker 0 received. The prefix cache is
+        dropped as in update_weights."""
+        received = self.llm.collective_rpc("klrl_receive_weights")
+        self.llm.reset_prefix_cache()
+        return int(received[0])
+
+    def close_weight_sync(self) -> None:
+        self.llm.collective_rpc("klrl_close_weight_sync")
+
 
 def check_model_len(path: Path, rollout: RolloutConfig) -> None:
     """rollout.max_model_len within the model's max_position_embeddings (vLLM's own error names neither)."""

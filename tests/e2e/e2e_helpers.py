@@ -7,11 +7,13 @@ KLRL_RUN_DIR=runs/test, set by tests/conftest.py and inherited by the subprocess
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,15 +32,79 @@ def free_port() -> int:
 
 def fresh_shell_env(home: Path) -> dict[str, str]:
     """A new user's shell: PATH, LANG and a fake empty HOME, nothing klrl-specific but KLRL_RUN_DIR
-    (so the cached tiny model is shared). klrl itself must set every cache variable it needs."""
-    return {"PATH": os.environ["PATH"], "LANG": os.environ.get("LANG", "C.UTF-8"), "HOME": str(home),
-            "KLRL_RUN_DIR": os.environ["KLRL_RUN_DIR"]}
+    (so the cached tiny model is shared), and PYTHONPATH when the suite runs a checkout through it.
+    klrl itself must set every cache variable it needs."""
+    env = {"PATH": os.environ["PATH"], "LANG": os.environ.get("LANG", "C.UTF-8"), "HOME": str(home),
+           "KLRL_RUN_DIR": os.environ["KLRL_RUN_DIR"]}
+    return env | ({"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {})
 
 
-def klrl(*args: str, timeout: float = 420, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """`klrl ARGS...` from the repository root, output captured; fails the test on timeout."""
+class Outside:
+    """/tmp and $HOME, where no study may leave anything, watched around the commands `wrap` prefixes.
+
+    Where this machine allows a private mount namespace (root with `unshare`), each wrapped command sees an
+    empty folder of `folder` bound over /tmp and over $HOME, so what it writes there is exactly what lands in
+    those folders, whatever else runs on the machine. Elsewhere (or for a place that holds the checkout, its
+    venv or the run dir), the place is listed before and after instead.
+    """
+
+    def __init__(self, folder: Path):
+        self.places = {Path("/tmp"): folder / "tmp", Path.home().resolve(): folder / "home"}
+        # /tmp: its entries (a link's target is the run dir); $HOME: three levels, where caches and configs go
+        self.levels = {Path("/tmp"): 1, Path.home().resolve(): 3}
+        needed = (ROOT, Path(sys.executable).resolve(), folder.resolve())
+        private = shutil.which("unshare") is not None and subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode == 0
+        self.bound = {place: stand_in for place, stand_in in self.places.items()
+                      if private and not any(place in p.parents for p in needed)}
+        for stand_in in self.bound.values():
+            stand_in.mkdir(parents=True, exist_ok=True)
+        self.before = {place: listing(place, self.levels[place]) for place in self.places if place not in self.bound}
+
+    @contextmanager
+    def ignoring(self):
+        """What appears in a listed place during the block is not the study's (e.g. installing Chromium)."""
+        before = {place: listing(place, self.levels[place]) for place in self.before}
+        yield
+        for place in self.before:
+            self.before[place] |= listing(place, self.levels[place]) - before[place]
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        if not self.bound:
+            return argv
+        mounts = " && ".join(f'mount --bind "{stand_in}" "{place}"' for place, stand_in in self.bound.items())
+        return ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *argv]
+
+    def left(self) -> list[str]:
+        """What the wrapped commands left in /tmp and $HOME, as paths there, but the documented short links to
+        a run dir's Ray temp dir (/tmp/klrl-ray-<hash>, see workers.environment.ray_temp_dir): those may stay,
+        only as links."""
+        found = []
+        for place, stand_in in self.places.items():
+            levels = self.levels[place]
+            now = listing(stand_in, levels) if place in self.bound else listing(place, levels) - self.before[place]
+            root = stand_in if place in self.bound else place
+            for path in sorted(now):
+                shown = place / path.relative_to(root)
+                if place == Path("/tmp") and shown.name.startswith("klrl-ray-") and path.is_symlink():
+                    continue
+                found.append(f"{shown}{' (not a link)' if shown.name.startswith('klrl-ray-') else ''}")
+        return found
+
+
+def listing(place: Path, levels: int) -> set[Path]:
+    """Entries of a folder, `levels` deep."""
+    return {p for depth in range(1, levels + 1) for p in place.glob("/".join(["*"] * depth))} if place.is_dir() \
+        else set()
+
+
+def klrl(*args: str, timeout: float = 420, env: dict | None = None, outside: Outside | None = None,
+         **kwargs) -> subprocess.CompletedProcess:
+    """`klrl ARGS...` from the repository root, output captured (watched by `outside` when given); fails the
+    test on timeout."""
+    argv = outside.wrap([KLRL, *args]) if outside else [KLRL, *args]
     try:
-        return subprocess.run([KLRL, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                               env=env or os.environ.copy(), **kwargs)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"klrl {' '.join(args)} did not finish in {timeout}s; output tail:\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from e2e_helpers import ROOT, SMOKE, free_port, klrl
 
 # Each call is a fresh Python process that parses and checks the study (0.1-0.2 s on an idle 2-core machine);

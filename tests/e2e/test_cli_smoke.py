@@ -31,24 +31,37 @@ def assert_study_finished(run_dir, n_trials=SMOKE_TRIALS, steps=SMOKE_STEPS):
     return runs
 
 
-def test_smoke_study_runs_end_to_end(short_run_dir):
-    start = time.monotonic()
-    storage = short_run_dir / "shared_storage"  # stands in for the NFS/S3 path a cluster would use
-    home = short_run_dir / "home"
-    home.mkdir()
-    done = klrl("run", SMOKE, "--run-dir", str(short_run_dir), "--storage-path", str(storage),
-                env=fresh_shell_env(home))
-    elapsed = time.monotonic() - start
+def test_smoke_study_runs_end_to_end(smoke_study):
+    done, run_dir = smoke_study.done, smoke_study.run_dir
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert_study_finished(short_run_dir)
-    checkpoints = list((storage / "smoke").glob("trial_*/checkpoints/step_*/learner"))
-    assert len(checkpoints) >= SMOKE_TRIALS and not (short_run_dir / "tune").exists()
-    report = klrl("report", str(short_run_dir), env=fresh_shell_env(home), timeout=120)
-    assert report.returncode == 0 and (short_run_dir / "report" / "report.md").is_file(), report.stderr[-2000:]
-    assert sorted(p.relative_to(home) for p in home.rglob("*")) == []  # no cache or config in $HOME
+    runs = assert_study_finished(run_dir)
+    checkpoints = list((smoke_study.storage / "smoke").glob("trial_*/checkpoints/step_*/learner"))
+    assert len(checkpoints) >= SMOKE_TRIALS and not (run_dir / "tune").exists()
+    report = klrl("report", str(run_dir), env=fresh_shell_env(smoke_study.home), timeout=120,
+                  outside=smoke_study.outside)
+    assert report.returncode == 0 and (run_dir / "report" / "report.md").is_file(), report.stderr[-2000:]
+    assert sorted(p.relative_to(smoke_study.home) for p in smoke_study.home.rglob("*")) == []  # nothing in $HOME
     assert "klrl: 2/2 trial(s) finished" in done.stdout
     assert "klrl ui" in done.stdout and "report" in done.stdout
-    print(f"smoke study wall time: {elapsed:.0f}s")
+    names = {r.info.run_name: r.data.tags for r in runs}
+    assert sorted(names) == ["k3·loss s0", "none s0"]  # short names that fit the UI's column
+    assert names["none s0"]["kl_estimator"] == "-" and names["k3·loss s0"]["kl_estimator"] == "k3"
+    assert names["k3·loss s0"]["klrl.long_name"] == "k3_in_loss"
+    assert {tags["git_commit"] for tags in names.values()} == {smoke_study.commit or "unknown"}
+    print(f"smoke study wall time: {smoke_study.elapsed_s:.0f}s")
+
+
+def test_progress_is_one_line_per_trial_step_with_the_study_eta(smoke_study):
+    out = smoke_study.done.stdout
+    lines = out.splitlines()
+    for label in ("[1/2 none s0]", "[2/2 k3·loss s0]"):
+        steps = [line for line in lines if line.startswith(f"{label} step ")]
+        assert steps and steps[0].startswith(f"{label} step 1/3 reward "), out[-3000:]
+        assert steps[-1].startswith(f"{label} step 3/3 "), out[-3000:]
+        assert all(" s/step · " in line and "study ETA" in line for line in steps), steps
+        assert any(line.startswith(f"{label} finished 3/3 steps in ") for line in lines), out[-3000:]
+    assert out.count("== Status ==") == 2  # Tune's table at the start and at the end only
+    assert "Result logdir" not in out
 
 
 def test_bad_study_exits_nonzero_naming_file_and_key(short_run_dir):

@@ -29,11 +29,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e_helpers import ROOT, SMOKE, klrl, trial_runs
-from fault_helpers import (actor_pid, alive, cmdline, complete_checkpoints, descendants, driver_output, histories,
-                           kill_all, ray_address, start_driver, wait_gone, worker_logs, worker_pids)
+from fault_helpers import (
+    actor_pid,
+    alive,
+    cmdline,
+    complete_checkpoints,
+    descendants,
+    driver_output,
+    histories,
+    kill_all,
+    ray_address,
+    start_driver,
+    wait_gone,
+    worker_logs,
+    worker_pids,
+)
 from mlflow import MlflowClient
 
+from e2e_helpers import ROOT, SMOKE, klrl, trial_runs
 from orchestrator.checkpoint import FAULT_HANG_ENV, HANGING_FILE
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]

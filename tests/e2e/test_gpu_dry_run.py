@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from e2e_helpers import kill_head, klrl, processes_under, start_ray_head
 
+from e2e_helpers import kill_head, klrl, processes_under, start_ray_head
 from workers import environment
 
 SEED = "search_spaces/seed_palindrome_r1_1p5b.yaml"

@@ -69,14 +69,6 @@ def test_missing_model_folder(pg, tmp_path):
         RolloutGroup(tmp_path / "absent", learner_config(), pg, first_bundle=0)
 
 
-def test_unavailable_weight_sync_refused_before_any_actor_starts(pg, model_dir):
-    from workers.actors import LearnerGroup
-
-    config = learner_config(**{"rollout.weight_sync": "collective"})
-    with pytest.raises(ValueError, match="rollout.weight_sync: 'collective' is not available"):
-        LearnerGroup(model_dir, config, pg)
-
-
 def test_vocab_mismatch_refused_before_any_actor_starts(pg, model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

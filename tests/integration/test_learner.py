@@ -207,6 +207,34 @@ def test_zero3_bf16_exact_kl_in_loss(model_dir, vocab):
     hf_names = {n for n, _ in AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()}
     assert {n for n, _ in exported} == hf_names and "lm_head.weight" in hf_names
     assert all(t.dtype == torch.bfloat16 and t.numel() > 0 for _, t in exported)
+    # The collective sync sends the same tensors under the same names, gathered bucket by bucket.
+    received = receive_broadcast(lrn, bucket_bytes=4096)
+    assert [n for n, _ in received] == [n for n, _ in exported]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(received, exported))
+
+
+def receive_broadcast(learner, bucket_bytes: int) -> list[tuple[str, torch.Tensor]]:
+    """What a receiver (a thread here, a vLLM worker in a trial) gets from learner.broadcast_weights."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.weight_transfer import WeightReceiver
+
+    port, metas = learner.listen_weight_sync("127.0.0.1", 60), learner.weight_metas()
+
+    def receive():
+        receiver = WeightReceiver("127.0.0.1", port, 1, 2, "gloo", metas, bucket_bytes, 60, torch.device("cpu"))
+        got = [(name, t.clone()) for name, t in receiver.receive()]
+        receiver.close()
+        return got
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(receive)
+        learner.join_weight_sync(2, "gloo")
+        sent = learner.broadcast_weights(bucket_bytes)
+        received = future.result(timeout=60)
+    learner.close_weight_sync()
+    assert sent >= sum(t.numel() * t.element_size() for _, t in received)
+    return received
 
 
 def test_missing_model_folder(tmp_path):

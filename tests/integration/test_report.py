@@ -25,8 +25,8 @@ from PIL import Image
 
 from orchestrator import plots
 from orchestrator.report import write_report
-from orchestrator.study_runs import FINAL_WINDOW, Trial
 from orchestrator.stats import mean_ci
+from orchestrator.study_runs import FINAL_WINDOW, Trial
 
 ARMS = {"none": ("none", "k1"), "in_reward/k1": ("in_reward", "k1"), "in_loss/k3": ("in_loss", "k3")}
 SEEDS = (0, 1, 2)

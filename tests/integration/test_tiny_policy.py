@@ -18,7 +18,6 @@ from tasks.policy import resolve_policy, tiny_cache_key
 from tasks.policy_eval import measure
 from tasks.prompts import resolve_instruction
 
-
 BUILD = ("import sys; from pathlib import Path; from core.config import ModelConfig, TaskConfig; "
          "from tasks.policy import resolve_policy; resolve_policy(ModelConfig(path='tiny'), Path(sys.argv[1]), "
          "TaskConfig())")

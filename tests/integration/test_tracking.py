@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.tracking import (PARENT_TAG, ROLE_TAG, TrackingError, check_reachable, default_uri,
-                                   make_tracker)
+from orchestrator.tracking import PARENT_TAG, ROLE_TAG, TrackingError, check_reachable, default_uri, make_tracker
 
 SERVER_START_TIMEOUT_S = 90
 

@@ -10,8 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from core.diversity import (answer_entropy, coverage_metrics, distinct_answers, distinct_n, diversity_metrics,
-                            grouped_distinct_n, mean_pairwise_cosine, pass_at_k, pass_at_k_ks, pass_at_k_metrics)
+from core.diversity import (
+    answer_entropy,
+    coverage_metrics,
+    distinct_answers,
+    distinct_n,
+    diversity_metrics,
+    grouped_distinct_n,
+    mean_pairwise_cosine,
+    pass_at_k,
+    pass_at_k_ks,
+    pass_at_k_metrics,
+)
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:

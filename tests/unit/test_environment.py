@@ -22,7 +22,7 @@ def test_short_run_dir_keeps_ray_temp_dir_in_place():
 
 
 def test_long_run_dir_gets_a_short_link_into_it(tmp_path):
-    root = tmp_path / ("deep_" * 12) / "study"  # like a checkout at /check/work/main/runs/test/e2e/<id>
+    root = tmp_path / ("deep_" * 12) / "study"  # like a checkout at /home/user/src/klrl/runs/test/e2e/<id>
     link = environment.ray_temp_dir(root)
     try:
         assert len(str(link)) + LONGEST_SOCKET_SUFFIX <= 107

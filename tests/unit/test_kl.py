@@ -2,7 +2,7 @@
 
 Gradient identities are checked exactly by enumerating a small vocabulary and weighting each token's
 gradient by sg(pi(a)) (the expectation over a ~ pi, without sampling noise); Schulman 2020 and
-/work/shared/SCIENCE.md give the identities.
+docs/CONVENTIONS.md give the identities.
 """
 from __future__ import annotations
 

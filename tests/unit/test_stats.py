@@ -12,8 +12,19 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from orchestrator.stats import (MIN_SEEDS_FOR_VERDICT, _sign_patterns, cohens_dz, compare, holm, mean_ci, paired_power,
-                                paired_t, seeds_for_power, sign_flip_p, significant)
+from orchestrator.stats import (
+    MIN_SEEDS_FOR_VERDICT,
+    _sign_patterns,
+    cohens_dz,
+    compare,
+    holm,
+    mean_ci,
+    paired_power,
+    paired_t,
+    seeds_for_power,
+    sign_flip_p,
+    significant,
+)
 
 STUDIES = 4000  # synthetic studies per simulation
 
