@@ -94,7 +94,7 @@ class Injector(threading.Thread):
                     pass
                 last_poll = time.monotonic()
             new = sorted((t, s) for t, steps in complete_checkpoints(self.run_dir).items() for s in steps
-                         if (t, s) not in seen and s < STEPS)
+                         if (t, s) not in seen and s <= STEPS - HANG_AFTER)
             seen |= {(t, s) for t, steps in complete_checkpoints(self.run_dir).items() for s in steps}
             if not new or not address:
                 time.sleep(0.1)
