@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,6 +32,8 @@ FORMAT = 1
 KEEP = 2  # complete checkpoints kept per trial (the newest, and one before it)
 LOGGED_STEP = "klrl/logged_step"  # marker metric: the last step whose metrics are in MLflow
 STATE_FILE = "state.json"
+FAULT_HANG_ENV = "KLRL_FAULT_HANG_IN_CHECKPOINT"  # fault injection only (fault_hook_hang)
+HANGING_FILE = "FAULT_HOOK_HANGING"
 logger = logging.getLogger("klrl.checkpoint")
 
 
@@ -62,6 +66,7 @@ class CheckpointStore:
                 self.fs.delete_dir(target)
             self.fs.create_dir(target)
             pafs.copy_files(tmp, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        fault_hook_hang(step, target, self.fs)
         state = {"format": FORMAT, "step": step, "pending": [[s, m] for s, m in pending]}
         with self.fs.open_output_stream(f"{target}/{STATE_FILE}") as out:
             out.write(json.dumps(state).encode())
@@ -113,6 +118,20 @@ class CheckpointStore:
         for folder in self._folders():
             if int(folder.base_name.split("_")[1]) < oldest_kept:
                 self.fs.delete_dir(folder.path)
+
+
+def fault_hook_hang(step: int, target: str, fs: pafs.FileSystem) -> None:
+    """Fault-injection hook for tests/e2e/test_faults.py, never set otherwise: with
+    KLRL_FAULT_HANG_IN_CHECKPOINT=<step>, the save of that step stops half-written (the learner's files
+    under `target`, no state.json), writes `target`/HANGING_FILE so the test knows, and hangs until
+    the test kills the process."""
+    if os.environ.get(FAULT_HANG_ENV) != str(step):
+        return
+    with fs.open_output_stream(f"{target}/{HANGING_FILE}") as out:
+        out.write(str(os.getpid()).encode())
+    logger.warning("klrl: %s=%d: hanging in the checkpoint save of step %d until killed", FAULT_HANG_ENV, step, step)
+    while True:
+        time.sleep(1)
 
 
 @dataclass

@@ -92,10 +92,12 @@ def cmd_run(args) -> int:
     if not submit.usable_in_job(run_dir, study.name):
         return EXIT_SPEC
     _configure_env(run_dir, args.run_dir)
-    from orchestrator import launch
+    from orchestrator import launch, stale
     from orchestrator.tracking import TrackingError
 
     try:
+        for line in stale.mark_stale(run_dir, launch.tracking_uri_for(study, run_dir, args.tracking_uri)):
+            _warn(f"marked stale, its driver died: {line}")
         study = launch.prepare_run_dir(study, run_dir, args.resume)
         outcome = launch.run_study(study, run_dir, address=args.address, tracking_uri=args.tracking_uri,
                                    resume=args.resume, storage_path=args.storage_path,
@@ -242,6 +244,7 @@ def cmd_report(args) -> int:
         return EXIT_SPEC
     _configure_env(run_dir, None)  # before MLflow and matplotlib write their caches (never into $HOME)
     out = Path(args.out).resolve() if args.out else run_dir / "report"
+    _print_stale(run_dir, uri)
     return EXIT_OK if _write_report(name, uri, out, args.include_unfinished) else EXIT_TRIALS
 
 
@@ -277,6 +280,9 @@ def cmd_ui(args) -> int:
 
     state = run_dir / "driver.json"
     experiment_id = json.loads(state.read_text()).get("experiment_id") if state.is_file() else None
+    if state.is_file():
+        _configure_env(run_dir, None)
+        _print_stale(run_dir, uri)
     if uri.startswith(("http://", "https://")):
         print(f"klrl: the study is tracked on a server already: open "
               f"{ui_url(uri, experiment_id) if experiment_id else uri}")
@@ -293,6 +299,14 @@ def cmd_ui(args) -> int:
     print(f"klrl: open {ui_url(base, experiment_id) if experiment_id else base}", flush=True)
     os.execvp(argv[0], argv)
     return EXIT_OK  # pragma: no cover
+
+
+def _print_stale(run_dir: Path, uri: str) -> None:
+    """Runs left open by a dead driver (orchestrator/stale.py), marked now if not yet."""
+    from orchestrator.stale import describe_stale
+
+    for line in describe_stale(run_dir, uri):
+        print(f"klrl: {line} (MLflow filter: tags.`klrl.stale` = 'true')")
 
 
 def cmd_config(args) -> int:

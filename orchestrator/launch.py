@@ -8,7 +8,8 @@ child run a killed trial could not end itself, so no run stays RUNNING.
 
 Run directory layout (one study per directory):
     <run_dir>/study.yaml      the study as run (overrides applied), reread by --resume
-    <run_dir>/driver.json     MLflow ids of the study (experiment, parent run), Tune storage; reread by --resume
+    <run_dir>/driver.json     MLflow ids of the study (experiment, parent run), Tune storage; reread by --resume;
+                              the live driver's pid/host/start and Ray address (orchestrator/stale.py)
     <run_dir>/tune/<name>/    Tune's experiment state, trial folders with klrl's checkpoints (or --storage-path/<name>)
     <run_dir>/mlflow.db, mlartifacts/   default MLflow store
     <run_dir>/ray/            Ray's temp dir when klrl starts Ray itself
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from orchestrator import stale
 from orchestrator.search_space import Study
 from orchestrator.tracking import ROLE_TAG, STUDY_TAG, check_reachable, default_uri, git_commit, make_tracker
 
@@ -359,6 +361,9 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
         check_multi_node_storage(uri, storage, max_trial_resources(study), shared_storage)
         check_node_resources(study)
         tracker, experiment_id, parent = open_study_runs(study, run_dir, uri, resume, storage)
+        # This process drives the run dir now: a later klrl can tell if it died (orchestrator/stale.py), and
+        # the fault tests find this study's actors by the Ray address.
+        stale.record_driver(run_dir, ray_address=_gcs_address())
     except BaseException:
         _shutdown_ray()
         raise
@@ -387,6 +392,15 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
             log(f"klrl: marked {closed} unfinished trial run(s) {'FAILED' if status == 'FAILED' else 'KILLED'}")
         tracker.end_run(parent, status)
         _shutdown_ray()
+
+
+def _gcs_address() -> str | None:
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # a Ray Client (ray://) connection has no GCS address of its own
+        return None
 
 
 def _shutdown_ray() -> None:

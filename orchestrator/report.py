@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator import plots
+from orchestrator import plots, stale
 from orchestrator.findings import comparison_rows, findings_rows, pass_at_k_section
 from orchestrator.stats import MIN_SEEDS_FOR_VERDICT, Bounds, Comparison, compare, mean_ci
 from orchestrator.study_runs import FAILURE_TAG, FINAL_WINDOW, Trial, arm_order, in_order, load_study, seed_order
@@ -280,7 +280,8 @@ def write_report(study: str, tracking_uri: str, out_dir: Path, include_unfinishe
     files = [write_summary_csv(trials, out_dir / "summary.csv"),
              write_comparisons_csv(results, out_dir / "comparisons.csv")]
     report = out_dir / "report.md"
-    report.write_text(render(study, results, include_unfinished, pngs))
+    stale_runs = stale.report_section(client, [parent.info.experiment_id]) if parent is not None else ""
+    report.write_text(render(study, results, include_unfinished, pngs) + stale_runs)
     if log_artifacts and parent is not None:
         try:
             for path in (report, *files, *pngs):

@@ -32,6 +32,7 @@ PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 STUDY_TAG, TRIAL_TAG = "klrl.study", "klrl.trial_id"
 ROLE_TAG = "klrl.role"  # 'study' on the parent run, 'trial' on children (orchestrator/report.py reads it)
+STALE_TAG, STALE_REASON_TAG = "klrl.stale", "klrl.stale_reason"  # left open by a dead driver (orchestrator/stale.py)
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 GIT_COMMIT_ENV = "KLRL_GIT_COMMIT"  # set by `klrl submit`: a job's uploaded working dir has no .git
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -142,7 +143,10 @@ class MlflowTracker:
         return runs[0].info.run_id if runs else None
 
     def reopen(self, run_id: str) -> None:
+        """RUNNING again (a resumed or retried trial, a resumed study); no longer stale if it was."""
         self.client.update_run(run_id, status="RUNNING")
+        if STALE_TAG in self.run_tags(run_id):
+            self.client.delete_tag(run_id, STALE_TAG)
 
     def run_tags(self, run_id: str) -> dict[str, str]:
         return dict(self.client.get_run(run_id).data.tags)

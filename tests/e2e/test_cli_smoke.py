@@ -1,5 +1,5 @@
 """`klrl run search_spaces/smoke.yaml` as a user types it; a bad study (SIGINT/SIGKILL and --resume:
-test_resume.py)."""
+test_faults.py)."""
 from __future__ import annotations
 
 import os
