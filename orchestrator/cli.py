@@ -96,6 +96,8 @@ def cmd_run(args) -> int:
     from orchestrator.tracking import TrackingError
 
     try:
+        for line in stale.stop_leftovers(run_dir):
+            _warn(f"stopped {line}, left running by the run dir's dead driver")
         for line in stale.mark_stale(run_dir, launch.tracking_uri_for(study, run_dir, args.tracking_uri)):
             _warn(f"marked stale, its driver died: {line}")
         study = launch.prepare_run_dir(study, run_dir, args.resume)
@@ -303,8 +305,10 @@ def cmd_ui(args) -> int:
 
 def _print_stale(run_dir: Path, uri: str) -> None:
     """Runs left open by a dead driver (orchestrator/stale.py), marked now if not yet."""
-    from orchestrator.stale import describe_stale
+    from orchestrator.stale import describe_stale, stop_leftovers
 
+    for line in stop_leftovers(run_dir):
+        print(f"klrl: stopped {line}, left running by the run dir's dead driver")
     for line in describe_stale(run_dir, uri):
         print(f"klrl: {line} (MLflow filter: tags.`klrl.stale` = 'true')")
 

@@ -9,7 +9,8 @@ child run a killed trial could not end itself, so no run stays RUNNING.
 Run directory layout (one study per directory):
     <run_dir>/study.yaml      the study as run (overrides applied), reread by --resume
     <run_dir>/driver.json     MLflow ids of the study (experiment, parent run), Tune storage; reread by --resume;
-                              the live driver's pid/host/start and Ray address (orchestrator/stale.py)
+                              the live driver's pid/host/start, Ray address and processes (orchestrator/stale.py)
+    <run_dir>/reaper.log      what the watcher stopped after a driver died (orchestrator/reaper.py)
     <run_dir>/tune/<name>/    Tune's experiment state, trial folders with klrl's checkpoints (or --storage-path/<name>)
     <run_dir>/mlflow.db, mlartifacts/   default MLflow store
     <run_dir>/ray/            Ray's temp dir when klrl starts Ray itself
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from orchestrator import stale
+from orchestrator import processes, reaper, stale
 from orchestrator.search_space import Study
 from orchestrator.tracking import ROLE_TAG, STUDY_TAG, check_reachable, default_uri, git_commit, make_tracker
 
@@ -355,17 +356,18 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
     if not resume and (run_dir / "tune" / study.name).exists():
         raise LaunchError(f"{run_dir} already holds study {study.name!r}: pass --resume to continue it, "
                           f"another --run-dir, or delete {run_dir}")
-    connect_ray(address, run_dir)
+    watcher = reaper.start(run_dir)  # an embedded Ray dies with this driver, even a SIGKILLed one
     try:  # the cluster's checks come before any MLflow run or warm start: a refusal leaves nothing behind
+        connect_ray(address, run_dir)
         check_cluster_gpus(study, address)
         check_multi_node_storage(uri, storage, max_trial_resources(study), shared_storage)
         check_node_resources(study)
         tracker, experiment_id, parent = open_study_runs(study, run_dir, uri, resume, storage)
         # This process drives the run dir now: a later klrl can tell if it died (orchestrator/stale.py), and
         # the fault tests find this study's actors by the Ray address.
-        stale.record_driver(run_dir, ray_address=_gcs_address())
+        stale.record_driver(run_dir, ray_address=_gcs_address(), own_processes=_own_processes(watcher))
     except BaseException:
-        _shutdown_ray()
+        _shutdown_ray(watcher)
         raise
     from orchestrator.trainable import TrialSetup
 
@@ -391,7 +393,7 @@ def run_study(study: Study, run_dir: Path, address: str | None = None, tracking_
         if closed:
             log(f"klrl: marked {closed} unfinished trial run(s) {'FAILED' if status == 'FAILED' else 'KILLED'}")
         tracker.end_run(parent, status)
-        _shutdown_ray()
+        _shutdown_ray(watcher)
 
 
 def _gcs_address() -> str | None:
@@ -403,11 +405,18 @@ def _gcs_address() -> str | None:
         return None
 
 
-def _shutdown_ray() -> None:
+def _own_processes(watcher) -> list[tuple[int, int]]:
+    """This driver's descendants now (an embedded Ray's processes), less the watcher: driver.json keeps them
+    so a later klrl can stop what a dead driver left if the watcher died too (orchestrator/stale.py)."""
+    return [p for p in processes.descendants(os.getpid()) if watcher is None or p[0] != watcher.pid]
+
+
+def _shutdown_ray(watcher) -> None:
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    reaper.stop(watcher)
 
 
 def prepare_run_dir(study: Study, run_dir: Path, resume: bool) -> Study:

@@ -9,6 +9,9 @@ marked stale: tag `klrl.stale=true`, tag `klrl.stale_reason` naming the dead dri
 so the MLflow UI shows it ended and the tag says why (filter: tags.`klrl.stale` = 'true'). A `--resume`
 that reopens a stale run clears the tag (`MlflowTracker.reopen`). A driver on another host cannot be
 checked from here: its runs are left alone, and `klrl report`/`klrl ui` say so.
+
+The same commands first stop what the dead driver left running (`stop_leftovers`): the processes of its
+embedded Ray it recorded, should the watcher meant to stop them (orchestrator/reaper.py) have died too.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator import processes
 from orchestrator.tracking import PARENT_TAG, STALE_REASON_TAG, STALE_TAG, TERMINAL
 
 DRIVER_FILE = "driver.json"
@@ -36,17 +40,8 @@ class Driver:
         return f"driver pid {self.pid} on {self.host}"
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """The start time of `pid` in clock ticks since boot, or None if it is gone or /proc is missing."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # fields after the (comm): state is field 3, start 22
-
-
 def this_driver() -> Driver:
-    return Driver(os.getpid(), socket.gethostname(), process_start_ticks(os.getpid()))
+    return Driver(os.getpid(), socket.gethostname(), processes.start_ticks(os.getpid()))
 
 
 def is_alive(driver: Driver, host: str | None = None) -> bool | None:
@@ -54,7 +49,7 @@ def is_alive(driver: Driver, host: str | None = None) -> bool | None:
     if driver.host != (host or socket.gethostname()):
         return None
     if Path("/proc/self/stat").exists():
-        ticks = process_start_ticks(driver.pid)
+        ticks = processes.start_ticks(driver.pid)
         return ticks is not None and (driver.start_ticks is None or ticks == driver.start_ticks)
     try:
         os.kill(driver.pid, 0)
@@ -73,13 +68,15 @@ def read_state(run_dir: Path) -> dict:
         return {}
 
 
-def record_driver(run_dir: Path, **extra) -> None:
+def record_driver(run_dir: Path, own_processes: list[processes.Identity] = (), **extra) -> None:
     """Write this process as the run dir's driver into driver.json (plus `extra`, e.g. the Ray address),
-    keeping the MLflow ids already there. Written atomically: a reader never sees half a file."""
+    keeping the MLflow ids already there. `own_processes` (pid, start ticks) are the driver's own (an embedded
+    Ray's), for `stop_leftovers`. Written atomically: a reader never sees half a file."""
     me = this_driver()
     state = {**read_state(run_dir), **extra,
              "driver": {"pid": me.pid, "host": me.host, "start_ticks": me.start_ticks,
-                        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
+                        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "processes": [list(p) for p in own_processes]}}
     tmp = Path(run_dir) / f".{DRIVER_FILE}.{me.pid}"
     tmp.write_text(json.dumps(state))
     tmp.replace(Path(run_dir) / DRIVER_FILE)
@@ -90,6 +87,16 @@ def recorded_driver(state: dict) -> Driver | None:
     if not d:
         return None
     return Driver(int(d["pid"]), str(d["host"]), d.get("start_ticks"))
+
+
+def stop_leftovers(run_dir: Path) -> list[str]:
+    """If the run dir's recorded driver died on this host, SIGKILL the processes it recorded that still run
+    (matched by pid and start time; orchestrator/reaper.py normally got them first); one line per process."""
+    state = read_state(run_dir)
+    driver = recorded_driver(state)
+    if driver is None or is_alive(driver) is not False:
+        return []
+    return processes.kill([(int(pid), int(ticks)) for pid, ticks in state["driver"].get("processes", [])])
 
 
 def open_runs(client, state: dict) -> list:
