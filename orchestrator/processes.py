@@ -54,12 +54,13 @@ def descendants(pid: int) -> list[Identity]:
 
 
 def describe(pid: int) -> str:
-    """`pid` and what it runs, for a log line."""
+    """`pid` and what it runs (the program's name, not its folder, which a deep checkout makes long)."""
     try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
-        command = "?"
-    return f"pid {pid} ({' '.join(command.split())[:100]})"
+        argv = ["?"]
+    command = " ".join([Path(argv[0]).name, *argv[1:]]).strip()
+    return f"pid {pid} ({' '.join(command.split())[:160]})"
 
 
 def kill(processes: list[Identity]) -> list[str]:

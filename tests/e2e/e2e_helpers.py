@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,19 @@ ROOT = Path(__file__).resolve().parents[2]
 KLRL = str(Path(sys.executable).with_name("klrl"))
 RAY = str(Path(sys.executable).with_name("ray"))
 SMOKE = "search_spaces/smoke.yaml"
+
+
+@contextmanager
+def short_tmpdir(prefix: str):
+    """A short TMPDIR under /tmp, removed afterwards, for a `ray start` with a dashboard: the dashboard starts
+    its modules through a multiprocessing forkserver whose unix socket lives in TMPDIR, AF_UNIX paths stop at
+    107 bytes, and the run dir's TMPDIR (tests/conftest.py) passes that in a deep checkout. A person starting
+    Ray from a shell has a short TMPDIR (usually none: /tmp)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_helpers import ROOT, free_port, kill_head, processes_under, trial_runs
+from e2e_helpers import ROOT, free_port, kill_head, processes_under, short_tmpdir, trial_runs
 
 JOB_TIMEOUT_S = 480
 
@@ -37,7 +37,13 @@ def bash(script: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
         pytest.fail(f"timed out after {timeout}s:\n{(exc.stdout or b'')[-3000:]!r}\n{(exc.stderr or b'')[-3000:]!r}")
 
 
-def test_readme_local_cluster_submits_the_smoke_study(run_dir):
+@pytest.fixture
+def shell_tmpdir():
+    with short_tmpdir("klrl-job-") as folder:
+        yield folder
+
+
+def test_readme_local_cluster_submits_the_smoke_study(run_dir, shell_tmpdir):
     start_and_submit, ray_job_submit, stop = readme_blocks("Local cluster")
     assert "klrl submit search_spaces/smoke.yaml" in start_and_submit and "ray stop" not in stop
     ray_port, dash_port = free_port(), free_port()
@@ -45,7 +51,7 @@ def test_readme_local_cluster_submits_the_smoke_study(run_dir):
                                       f"RAY_PORT={ray_port} DASHBOARD_PORT={dash_port}")
     if not (ROOT / ".venv").is_dir():
         script = script.replace(". .venv/bin/activate", f". {Path(sys.executable).parent}/activate")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TMPDIR": str(shell_tmpdir)}
     study_dir = Path(env["KLRL_RUN_DIR"]) / "smoke"  # where `klrl submit` puts it by default
     shutil.rmtree(study_dir, ignore_errors=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_helpers import KLRL, ROOT, SMOKE, free_port, kill_head, processes_under, ray_cli, start_ray_head
+from e2e_helpers import KLRL, ROOT, SMOKE, free_port, kill_head, processes_under, ray_cli, short_tmpdir, start_ray_head
 from workers import environment
 
 STUDY_TIMEOUT_S = 600
@@ -172,10 +172,17 @@ def timeline() -> Timeline:
 
 
 @pytest.fixture(scope="module")
-def cluster(timeline) -> TwoNodes:
+def nodes_tmpdir():
+    with short_tmpdir("klrl-two-nodes-") as folder:
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def cluster(timeline, nodes_tmpdir) -> TwoNodes:
     base = Path(os.environ["KLRL_RUN_DIR"]) / "e2e" / uuid.uuid4().hex[:8]
     base.mkdir(parents=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "TMPDIR": str(nodes_tmpdir),  # e2e_helpers.short_tmpdir
            # The head notices a dead node in ~3 s instead of ~30 s (read by the GCS at start).
            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
            "RAY_health_check_failure_threshold": "3"}
