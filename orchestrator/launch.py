@@ -405,7 +405,7 @@ def _gcs_address() -> str | None:
         return None
 
 
-def _own_processes(watcher) -> list[tuple[int, int]]:
+def _own_processes(watcher) -> list[processes.Identity]:
     """This driver's descendants now (an embedded Ray's processes), less the watcher: driver.json keeps them
     so a later klrl can stop what a dead driver left if the watcher died too (orchestrator/stale.py)."""
     return [p for p in processes.descendants(os.getpid()) if watcher is None or p[0] != watcher.pid]

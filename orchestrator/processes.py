@@ -63,10 +63,10 @@ def describe(pid: int) -> str:
     return f"pid {pid} ({' '.join(command.split())[:160]})"
 
 
-def kill(processes: list[Identity]) -> list[str]:
+def kill(targets: list[Identity]) -> list[str]:
     """SIGKILL each named process that still runs; one line per process killed."""
     killed = []
-    for pid, ticks in processes:
+    for pid, ticks in targets:
         try:
             handle = os.pidfd_open(pid)
         except OSError:  # gone already
