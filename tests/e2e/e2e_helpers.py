@@ -26,14 +26,16 @@ SMOKE = "search_spaces/smoke.yaml"
 
 
 @contextmanager
-def short_tmpdir(prefix: str):
-    """A short TMPDIR under /tmp, removed afterwards, for a `ray start` with a dashboard: the dashboard starts
-    its modules through a multiprocessing forkserver whose unix socket lives in TMPDIR, AF_UNIX paths stop at
-    107 bytes, and the run dir's TMPDIR (tests/conftest.py) passes that in a deep checkout. A person starting
-    Ray from a shell has a short TMPDIR (usually none: /tmp)."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+def short_tmpdir(prefix: str, tmp: Path = Path("/tmp")):
+    """A short TMPDIR, removed afterwards, for a process that binds unix sockets in TMPDIR: a `ray start` with
+    a dashboard (its modules start through a multiprocessing forkserver whose socket lives there) or Chromium
+    (its singleton socket). AF_UNIX paths stop at 107 bytes, and the run dir's TMPDIR (tests/conftest.py)
+    passes that in a deep checkout; a person's shell has a short one (usually none: /tmp). `tmp` is the
+    folder that stands for /tmp (a test that binds /tmp elsewhere passes its stand-in); yields the path as
+    the wrapped processes see it, /tmp/<name>."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp))
     try:
-        yield folder
+        yield Path("/tmp") / folder.name
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -88,7 +88,8 @@ def actor_pid(address: str, which: str) -> int:
 
 
 def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (parent links from /proc/<pid>/stat)."""
+    """Every live process below `pid` (parent links from /proc/<pid>/stat). Read here, not with
+    orchestrator/processes.py, so the suite is a witness independent of the watcher whose work it checks."""
     children: dict[int, list[int]] = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():

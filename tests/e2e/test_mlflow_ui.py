@@ -13,15 +13,13 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from e2e_helpers import KLRL, ROOT, Outside, free_port, fresh_shell_env
+from e2e_helpers import KLRL, ROOT, Outside, free_port, fresh_shell_env, short_tmpdir
 
 TRIAL_NAMES = ("none s0", "k3·loss s0")
 PIP_LOCK = "/tmp/klrl-pip.lock"
@@ -88,23 +86,11 @@ def stop(process: subprocess.Popen) -> None:
         pass
 
 
-@contextmanager
-def short_tmpdir(outside: Outside):
-    """A TMPDIR for Chromium, removed afterwards: its singleton socket lives there, and a unix socket path stops
-    at 107 bytes, which a run dir in a long checkout passes. Yields the path as the wrapped command sees it
-    (under /tmp, which `outside` may bind to a stand-in folder)."""
-    here = Path(tempfile.mkdtemp(prefix="klrl-chromium-", dir=outside.bound.get(Path("/tmp"), "/tmp")))
-    try:
-        yield Path("/tmp") / here.name
-    finally:
-        shutil.rmtree(here, ignore_errors=True)
-
-
 def rendered_text(chromium: str, url: str, folder: Path, budget_ms: int, outside: Outside) -> str:
     """The page's text after `budget_ms` of virtual time, as Chromium renders it (scripts run, data fetched)."""
     folder.mkdir(parents=True, exist_ok=True)
     profile = folder / f"profile-{budget_ms}"  # a fresh browser: no workflow type or view state remembered
-    with short_tmpdir(outside) as tmpdir:
+    with short_tmpdir("klrl-chromium-", outside.bound.get(Path("/tmp"), Path("/tmp"))) as tmpdir:
         env = {"PATH": os.environ["PATH"], "HOME": str(folder / "home"), "TMPDIR": str(tmpdir),
                "XDG_CONFIG_HOME": str(folder / "config"), "XDG_CACHE_HOME": str(folder / "cache")}
         done = subprocess.run(outside.wrap([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
